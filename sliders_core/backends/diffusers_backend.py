@@ -1,0 +1,243 @@
+"""Denoiser over diffusers components: SD1.x/SD2 (one CLIP encoder) and SDXL (two, pooled + time ids).
+
+Loads a local diffusers folder or a single-file checkpoint strictly offline. Pixel-space models
+(no VAE, e.g. the project's shapes model) are supported too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from ..denoiser import Cond, SliderSchedule, Trajectory
+from ..errors import SliderError
+from ..formats import UnetNaming
+from .peft_sliders import PeftSliderHost
+
+FAMILY_FILE = "sliders_model.json"  # optional {"family": "..."} in a model folder
+
+
+def detect_family(unet: UNet2DConditionModel, is_xl: bool) -> str:
+    cfg = unet.config
+    if is_xl or cfg.get("addition_embed_type") == "text_time":
+        return "sdxl" if cfg.cross_attention_dim == 2048 and cfg.sample_size == 128 else _fingerprint("sdxl", cfg)
+    standard = {(768, 64): "sd1", (1024, 64): "sd2", (1024, 96): "sd2"}
+    if tuple(cfg.block_out_channels) == (320, 640, 1280, 1280):
+        family = standard.get((cfg.cross_attention_dim, cfg.sample_size))
+        if family:
+            return family
+    return _fingerprint("sd", cfg)
+
+
+def _fingerprint(kind: str, cfg) -> str:
+    """A stable name for non-standard (tiny/custom) UNets so their sliders still refuse other models."""
+    channels = "-".join(str(c) for c in cfg.block_out_channels)
+    return f"{kind}-custom-c{channels}-x{cfg.cross_attention_dim}-in{cfg.in_channels}"
+
+
+class DiffusersDenoiser:
+    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, family: str | None = None):
+        self.pipe = pipe
+        self.unet: UNet2DConditionModel = pipe.unet
+        self.vae: AutoencoderKL | None = getattr(pipe, "vae", None)
+        self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
+        self.unet.requires_grad_(False)
+        for enc in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), self.vae):
+            if enc is not None:
+                enc.requires_grad_(False)
+        self.family = family or detect_family(self.unet, self.is_xl)
+        self.sliders = PeftSliderHost(self.unet)
+        self.naming = UnetNaming(self.sliders.lora_candidates(), dict(self.unet.config))
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.default_resolution = int(self.unet.config.sample_size) * self.latent_factor
+        self.forward_count = 0  # single-sample UNet forwards, for the benchmark
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    # -- text -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        prompts = list(prompts)
+        if self.is_xl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return Cond({"context": embeds, "text_embeds": pooled})
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return Cond({"context": embeds})
+
+    # -- model ----------------------------------------------------------------------------------
+    def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if len(cond) != x_t.shape[0] or level.shape != (x_t.shape[0],):
+            raise ValueError(f"batch mismatch: x {tuple(x_t.shape)}, level {tuple(level.shape)}, cond {len(cond)}")
+        kwargs = {}
+        if self.is_xl:
+            h, w = (s * self.latent_factor for s in x_t.shape[-2:])
+            # square training/sampling without crops: original = target size, crop (0, 0)
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.tensors["text_embeds"].to(self.dtype),
+                                           "time_ids": time_ids.expand(x_t.shape[0], 6)}
+        self.forward_count += x_t.shape[0]
+        out = self.unet(x_t.to(self.dtype), level.to(self.device),
+                        encoder_hidden_states=cond.tensors["context"].to(self.dtype), **kwargs).sample
+        return out.float()
+
+    def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+        multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if resolution < multiple or resolution % multiple:
+            raise SliderError(f"resolution {resolution} must be a positive multiple of {multiple} for this model")
+        side = resolution // self.latent_factor
+        shape = (batch, self.unet.config.in_channels, side, side)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def new_scheduler(self, steps: int) -> SchedulerMixin:
+        scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
+               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
+               record: bool = False, generator: torch.Generator | None = None) -> Trajectory:
+        scheduler = self.new_scheduler(steps)
+        timesteps = scheduler.timesteps
+        per_step = not isinstance(uncond, Cond)
+        if per_step and len(uncond) != len(timesteps):
+            raise SliderError(f"{len(uncond)} unconditional embeddings for {len(timesteps)} steps")
+        batch = noise.shape[0]
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        x = noise.to(self.device) * scheduler.init_noise_sigma
+        trajectory = Trajectory(final=x)
+        for i, t in enumerate(timesteps):
+            if slider_schedule is not None:
+                scales = slider_schedule(i, len(timesteps))
+                if scales is not None:
+                    self.sliders.set_scales(scales)
+            x_in = scheduler.scale_model_input(x, t)
+            level = t.expand(batch)
+            c = _batch(cond, batch)
+            if guidance == 1.0:
+                out = self.predict(x_in, level, c)
+            else:
+                u = _batch(uncond[i] if per_step else uncond, batch)
+                both = self.predict(torch.cat([x_in, x_in]), torch.cat([level, level]), Cond.cat([u, c]))
+                out_u, out_c = both.chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+            if record:
+                trajectory.states.append(x_in.detach().clone())
+                trajectory.levels.append(level.detach().clone())
+            x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
+        trajectory.final = x
+        return trajectory
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            scale = self.vae.config.scaling_factor
+            latents = latents.to(self.vae.dtype) / scale
+            images = self.vae.decode(latents).sample
+        else:
+            images = latents
+        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def _batch(cond: Cond, batch: int) -> Cond:
+    if len(cond) == batch:
+        return cond
+    if len(cond) == 1:
+        return cond.repeat_each(batch)
+    raise SliderError(f"condition batch {len(cond)} does not match sample batch {batch}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, strictly offline
+# ---------------------------------------------------------------------------------------------
+_REQUIRED = {
+    "StableDiffusionPipeline": ("unet", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+
+
+def load_diffusers_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                         config: str | Path | None = None, family: str | None = None) -> DiffusersDenoiser:
+    """A diffusers folder (model_index.json) or a single-file .safetensors/.ckpt checkpoint, offline."""
+    path = Path(path)
+    if not path.exists():
+        raise SliderError(f"model not found: {path}")
+    if path.is_dir():
+        pipe = _load_folder(path, dtype)
+        family_file = path / FAMILY_FILE
+        if family is None and family_file.is_file():
+            family = json.loads(family_file.read_text())["family"]
+    else:
+        pipe = _load_single_file(path, dtype, config)
+    return DiffusersDenoiser(pipe.to(device), family=family)
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise SliderError(f"{path} is not a diffusers model folder: model_index.json is missing")
+    index = json.loads(index_file.read_text())
+    class_name = index.get("_class_name")
+    if class_name not in _REQUIRED:
+        raise SliderError(f"{path}: pipeline {class_name!r} is not supported; "
+                          f"expected one of {sorted(_REQUIRED)}")
+    missing = [part for part in _REQUIRED[class_name] if not (path / part).is_dir()]
+    if "vae" in index and index["vae"][0] is not None and not (path / "vae").is_dir():
+        missing.append("vae")
+    if missing:
+        raise SliderError(f"{path}: the model folder is missing {missing}; copy the complete diffusers "
+                          "folder (nothing can be downloaded)")
+    cls = StableDiffusionXLPipeline if class_name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    try:
+        return cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **extra)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise SliderError(f"{path}: could not load the model offline ({exc})") from exc
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None):
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise SliderError(f"{path.name}: expected a diffusers folder or a .safetensors/.ckpt checkpoint")
+    is_xl = _checkpoint_is_xl(path)
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    if config is None:
+        raise SliderError(
+            f"{path.name}: a single-file checkpoint needs the matching diffusers config offline; pass "
+            f"config=<a local diffusers folder of the same architecture ({'SDXL' if is_xl else 'SD1/SD2'})>")
+    try:
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype)
+    except Exception as exc:  # diffusers raises many types here; all mean the same to the user
+        raise SliderError(f"{path.name}: could not load the checkpoint offline with config {config} ({exc})") from exc
+
+
+def _checkpoint_is_xl(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:
+            raise SliderError(f"{path.name}: corrupt or truncated checkpoint ({exc})") from exc
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        keys = list(state.get("state_dict", state))
+    return any(k.startswith("conditioner.embedders.1") for k in keys)

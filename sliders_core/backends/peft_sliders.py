@@ -1,0 +1,162 @@
+"""SliderHost for diffusers UNets: each slider is one named peft LoRA adapter with its own scale."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from ..errors import SliderError
+from ..slider_weights import LoraModule, SliderWeights
+
+_ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def classify_unet_module(path: str) -> str | None:
+    """Layer kind of a diffusers UNet module path (see config.LAYER_KINDS), or None if not a target."""
+    if ".attentions." in path:
+        if ".attn1." in path and path.endswith(_ATTN_PROJ):
+            return "self_attn"
+        if ".attn2." in path and path.endswith(("to_k", "to_v")):
+            return "cross_attn_kv"
+        if ".attn2." in path and path.endswith(("to_q", "to_out.0")):
+            return "cross_attn_q_out"
+        if path.endswith(("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")):
+            return "transformer_other"
+        return None
+    if ".resnets." in path and path.endswith(("conv1", "conv2", "time_emb_proj", "conv_shortcut")):
+        return "resnet"
+    return None
+
+
+class PeftSliderHost:
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self._trainable: set[str] = set()
+        self._names: list[str] = []
+        self._candidates = {
+            path: kind for path, module in unet.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            and (kind := classify_unet_module(path)) is not None
+        }
+
+    # -- SliderHost -----------------------------------------------------------------------------
+    def lora_candidates(self) -> dict[str, str]:
+        return dict(self._candidates)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
+            rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
+        if name in self._names:
+            raise SliderError(f"a slider named {name!r} is already attached")
+        if not name.isidentifier():
+            raise SliderError(f"slider adapter name {name!r} must be an identifier")
+        if weights is not None:
+            modules = list(weights.modules)
+            ranks = {p: m.rank for p, m in weights.modules.items()}
+            alphas = {p: m.alpha for p, m in weights.modules.items()}
+            rank, alpha = ranks[modules[0]], alphas[modules[0]]
+        else:
+            ranks, alphas = {}, {}
+        missing = [m for m in modules if m not in self._candidates]
+        if missing:
+            raise SliderError(f"modules not in this UNet or not LoRA targets: {missing[:3]}")
+        if not modules:
+            raise SliderError("a slider needs at least one target module")
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=list(modules), init_lora_weights=True,
+            # exact module paths as patterns, so varying ranks of foreign files load as they are
+            rank_pattern={f"^{p}$": r for p, r in ranks.items() if r != rank},
+            alpha_pattern={f"^{p}$": a for p, a in alphas.items() if a != alpha},
+        )
+        with warnings.catch_warnings():  # several adapters on one UNet is the point of composing sliders
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            self.unet.add_adapter(config, adapter_name=name)
+        self._names.append(name)
+        if weights is not None:
+            self._write(name, weights)
+        if trainable:
+            self._trainable.add(name)
+        self.set_scales({})
+
+    def remove(self, name: str) -> None:
+        if name not in self._names:
+            raise SliderError(f"no slider named {name!r}")
+        self.unet.delete_adapters(name)
+        self._names.remove(name)
+        self._trainable.discard(name)
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        unknown = set(scales) - set(self._names)
+        if unknown:
+            raise SliderError(f"unknown slider(s) {sorted(unknown)}; attached: {self._names}")
+        active = list(scales)
+        for layer in self._layers():
+            if not active:
+                layer.enable_adapters(False)
+                continue
+            layer.enable_adapters(True)
+            layer.set_adapter(active, inference_mode=True)
+            for name, scale in scales.items():
+                layer.set_scale(name, float(scale))
+        for name in self._trainable:
+            for p in self.parameters(name):
+                p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        layers = self._layers()
+        was_disabled = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True  # a flag only: enable_adapters() would also touch requires_grad
+        try:
+            yield
+        finally:
+            for layer, flag in zip(layers, was_disabled):
+                layer._disable_adapters = flag
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        params = []
+        for layer in self._layers():
+            if name in layer.lora_A:
+                params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        return params
+
+    def export(self, name: str) -> SliderWeights:
+        modules = {}
+        for path, layer in self._named_layers():
+            if name in layer.lora_A:
+                modules[path] = LoraModule(
+                    down=layer.lora_A[name].weight.detach().clone(),
+                    up=layer.lora_B[name].weight.detach().clone(),
+                    alpha=float(layer.lora_alpha[name]),
+                )
+        if not modules:
+            raise SliderError(f"no slider named {name!r}")
+        return SliderWeights(modules=modules)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _named_layers(self) -> list[tuple[str, LoraLayer]]:
+        return [(p, m) for p, m in self.unet.named_modules() if isinstance(m, LoraLayer)]
+
+    def _layers(self) -> list[LoraLayer]:
+        return [m for _, m in self._named_layers()]
+
+    @torch.no_grad()
+    def _write(self, name: str, weights: SliderWeights) -> None:
+        layers = dict(self._named_layers())
+        for path, module in weights.modules.items():
+            layer = layers[path]
+            for target, value in ((layer.lora_A[name].weight, module.down), (layer.lora_B[name].weight, module.up)):
+                if value.numel() != target.numel():
+                    raise SliderError(
+                        f"slider weight for {path} has shape {tuple(value.shape)}, the model needs "
+                        f"{tuple(target.shape)}: the slider was made for another model")
+                # kohya stores 1×1 convs and linears interchangeably; the element order is the same
+                target.copy_(value.reshape(target.shape).to(target.dtype))

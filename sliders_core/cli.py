@@ -1,0 +1,216 @@
+"""Command line: `python -m sliders_core {demo,train,generate,sweep,info} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import LAYER_PRESETS, TrainConfig
+from .errors import SliderError, TrainingDivergedError
+from .formats import describe, load_slider, read_state_dict, safe_output_path
+from .inference import SliderSpec, attach_slider_file, grid_image, sweep
+
+EMBEDDED_MODELS = ("tiny-sd1", "tiny-sdxl")
+DEFAULT_MODEL = "tiny-sd1"  # until the shapes model ships (its own issue)
+DEMO_PROMPTS = {
+    "target": "a person", "positive": "a person, old", "unconditional": "a person, young",
+    "guidance_scale": 2.0, "preservation": ["male", "female"],
+}
+
+
+def load_model(spec: str, config: str | None = None, device: str = "cpu"):
+    from .backends.diffusers_backend import DiffusersDenoiser, load_diffusers_model
+    from .tiny import tiny_sd1_pipeline, tiny_sdxl_pipeline
+
+    if spec == "tiny-sd1":
+        return DiffusersDenoiser(tiny_sd1_pipeline().to(device))
+    if spec == "tiny-sdxl":
+        return DiffusersDenoiser(tiny_sdxl_pipeline().to(device))
+    return load_diffusers_model(spec, config=config, device=device)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"diffusers folder, single-file checkpoint, or one of {EMBEDDED_MODELS} (default {DEFAULT_MODEL})")
+    p.add_argument("--config", help="local diffusers folder with the configs for a single-file checkpoint")
+    p.add_argument("--device", default="cpu")
+
+
+def _render_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (one grid row each)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance while sampling")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--start", type=float, default=0.0,
+                   help="delayed LoRA: fraction of the steps run on the base model before the sliders switch on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sliders_core", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job: train an age slider on the embedded model, render a sweep")
+    demo.add_argument("--out-dir", default="out/demo")
+    demo.add_argument("--iterations", type=int, default=150)
+
+    train = sub.add_parser("train", help="train a text slider from a prompt-set YAML file")
+    _model_args(train)
+    train.add_argument("--prompts", required=True, help="prompt-set YAML (reference fields + preservation)")
+    train.add_argument("--out-dir", default="out/sliders")
+    train.add_argument("--name", required=True, help="slider file name (no path separators)")
+    defaults = TrainConfig()
+    train.add_argument("--rank", type=int, default=defaults.rank)
+    train.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha/rank)")
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--iterations", type=int, default=defaults.iterations)
+    train.add_argument("--eta", type=float, help="η; default: the prompt set's guidance_scale")
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--layers", choices=sorted(LAYER_PRESETS), default=defaults.layers)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
+    train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
+    train.add_argument("--save-every", type=int, default=0)
+    train.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
+    train.add_argument("--sweep", help="after training, render an α sweep for this prompt")
+
+    gen = sub.add_parser("generate", help="render with one or several sliders at given strengths")
+    _model_args(gen)
+    _render_args(gen)
+    gen.add_argument("--slider", action="append", default=[], help="FILE[:ALPHA], repeatable; sliders compose")
+    gen.add_argument("--out", required=True, help="PNG path")
+
+    sw = sub.add_parser("sweep", help="α-sweep grid of one slider: same seed, one column per α")
+    _model_args(sw)
+    _render_args(sw)
+    sw.add_argument("--slider", required=True, help="slider file")
+    sw.add_argument("--alphas", default="-2,-1,0,1,2")
+    sw.add_argument("--with", dest="others", action="append", default=[],
+                    help="other FILE[:ALPHA] applied in every column")
+    sw.add_argument("--out", required=True, help="PNG path")
+
+    info = sub.add_parser("info", help="show a slider file's keys and metadata")
+    info.add_argument("file")
+    info.add_argument("--model", help="also check it loads on this model")
+    return parser
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise SliderError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in _floats(text)]
+
+
+def _write_png(image, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def cmd_train(args, model=None) -> dict:
+    from .prompts import load_prompt_set
+    from .text_slider import train_text_slider
+
+    pairs = load_prompt_set(args.prompts) if isinstance(args.prompts, (str, Path)) else args.prompts
+    out = safe_output_path(args.out_dir, args.name)
+    config = TrainConfig(
+        rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
+        resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
+        trajectory_steps=args.trajectory_steps, trajectory_reuse=args.trajectory_reuse,
+        save_every=args.save_every)
+    config.validate()
+    denoiser = model or load_model(args.model, args.config, args.device)
+    resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None
+    result = train_text_slider(denoiser, pairs, config, name="trained", resume=resume, checkpoint_path=out)
+    summary = {
+        "slider": str(out), "family": denoiser.family, "iterations": config.iterations,
+        "seconds": round(result.seconds, 2), "loss_first": result.losses[0], "loss_last": result.losses[-1],
+        "unet_forwards_per_iteration": round(result.unet_samples_per_iteration, 2),
+    }
+    if args.sweep:
+        columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1],
+                        resolution=config.resolution)
+        grid = out.with_name(out.stem + "_sweep.png")
+        _write_png(grid_image(columns, [f"alpha={a:g}" for a in (-2, -1, 0, 1, 2)]), grid)
+        summary["sweep"] = str(grid)
+    return summary
+
+
+def cmd_demo(args) -> dict:
+    from .prompts import pair_from_dict
+
+    print(f"Embedded default model: '{DEFAULT_MODEL}', a tiny SD1-shaped model with random weights built "
+          "from configs (no downloads). Its images are noise-like; the run shows the whole pipeline. "
+          "The project's trained shapes model replaces it once it ships.", file=sys.stderr)
+    ns = argparse.Namespace(
+        prompts=[pair_from_dict(DEMO_PROMPTS)], out_dir=args.out_dir, name="age", model=DEFAULT_MODEL,
+        config=None, device="cpu", rank=4, alpha=1.0, lr=1e-3, iterations=args.iterations, eta=None,
+        resolution=None, batch_size=None, layers="noxattn", seed=0, trajectory_steps=30,
+        trajectory_reuse=20, save_every=0, resume=None, sweep=DEMO_PROMPTS["target"])
+    return cmd_train(ns)
+
+
+def cmd_generate(args) -> dict:
+    denoiser = load_model(args.model, args.config, args.device)
+    scales = {}
+    for text in args.slider:
+        spec = SliderSpec.parse(text)
+        scales[attach_slider_file(denoiser, spec.path)] = spec.alpha
+    from .inference import generate
+
+    images = generate(denoiser, args.prompt, scales=scales, seeds=_ints(args.seeds), steps=args.steps,
+                      guidance=args.guidance, resolution=args.resolution, start=args.start)
+    path = _write_png(grid_image([images], [", ".join(f"{k}={v:g}" for k, v in scales.items()) or "base"]), args.out)
+    return {"image": str(path), "sliders": scales}
+
+
+def cmd_sweep(args) -> dict:
+    denoiser = load_model(args.model, args.config, args.device)
+    main = attach_slider_file(denoiser, args.slider)
+    others = {}
+    for text in args.others:
+        spec = SliderSpec.parse(text)
+        others[attach_slider_file(denoiser, spec.path)] = spec.alpha
+    alphas = _floats(args.alphas)
+    columns = sweep(denoiser, args.prompt, main, alphas, seeds=_ints(args.seeds), others=others,
+                    steps=args.steps, guidance=args.guidance, resolution=args.resolution, start=args.start)
+    path = _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), args.out)
+    return {"grid": str(path), "alphas": alphas}
+
+
+def cmd_info(args) -> dict:
+    tensors, metadata = read_state_dict(args.file)
+    summary = {"keys": len(tensors), "example_keys": sorted(tensors)[:4], "metadata": metadata}
+    if args.model:
+        denoiser = load_model(args.model)
+        summary["loads_on_model"] = describe(load_slider(args.file, denoiser.naming, denoiser.family))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    command = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "sweep": cmd_sweep, "info": cmd_info}
+    started = time.perf_counter()
+    try:
+        summary = command[args.command](args)
+    except (SliderError, TrainingDivergedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0

@@ -1,0 +1,124 @@
+"""The small interface every algorithm in the core talks to, whatever runs the model underneath.
+
+A backend (diffusers today, ComfyUI next) wraps one frozen denoiser and the LoRA sliders attached
+to it. The algorithms only
+- encode prompts into a batched `Cond`,
+- `predict` the model's native output for a batch of (x_t, noise level, condition),
+- `sample` with classifier-free guidance (optionally a different unconditional per step — null-text
+  inversion — and a per-step slider scale — delayed LoRA), recording the trajectory,
+- attach, scale, switch off and export sliders through `SliderHost`.
+
+Noise levels are opaque to the core (diffusers timesteps, ComfyUI sigmas, flow times): the core
+only hands back the levels a backend gave it, so the latent is always trained at the level it
+really sits at. Model outputs are compared only with each other at the same (x_t, level), so the
+eq. 8 target works for ε-, v-, x0- and flow-parameterised models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .formats import UnetNaming
+from .slider_weights import SliderWeights
+
+
+@dataclass
+class Cond:
+    """A batch of text conditions: named tensors that all share batch dimension 0."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in conds[0].tensors})
+
+    def repeat_each(self, n: int) -> Cond:
+        """[a, b] → [a×n, b×n]: prompt-major layout, matching `x.repeat(len(cond), ...)`."""
+        return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    def select(self, index: int | slice) -> Cond:
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return Cond({k: v[index] for k, v in self.tensors.items()})
+
+    def detach_clone(self) -> Cond:
+        return Cond({k: v.detach().clone() for k, v in self.tensors.items()})
+
+
+@dataclass
+class Trajectory:
+    """A sampling run: `states[i]` is the model input at step i and sits exactly at `levels[i]`."""
+
+    final: torch.Tensor  # the denoised latent
+    states: list[torch.Tensor] = field(default_factory=list)
+    levels: list[torch.Tensor] = field(default_factory=list)
+
+
+# (step index, number of steps) -> {slider name: scale}; None leaves the scales as they are.
+SliderSchedule = Callable[[int, int], "dict[str, float] | None"]
+
+
+@runtime_checkable
+class SliderHost(Protocol):
+    """LoRA sliders living on a backend's denoiser, each with its own continuous scale α."""
+
+    def lora_candidates(self) -> dict[str, str]:
+        """Every module a slider may target: diffusers-style module path → layer kind (config.LAYER_KINDS)."""
+
+    def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
+            rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
+        """Attach a slider, from weights or freshly initialised (up = 0, so it starts as a no-op)."""
+
+    def remove(self, name: str) -> None: ...
+
+    def names(self) -> list[str]: ...
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        """Activate exactly these sliders with these scales (α may be any real number)."""
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model runs frozen, as if no slider were attached."""
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]: ...
+
+    def export(self, name: str) -> SliderWeights: ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    family: str  # base model family a slider is tied to: "sd1", "sd2", "sdxl", "shapes", ...
+    default_resolution: int
+    sliders: SliderHost
+    naming: UnetNaming  # resolves every LoRA key form to this model's module paths
+
+    def encode(self, prompts: Sequence[str]) -> Cond: ...
+
+    def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Native model output for a batch; `level` has one entry per sample."""
+
+    def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
+               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
+               record: bool = False) -> Trajectory:
+        """CFG sampling. `uncond` is one Cond or one per step (null-text inversion)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images [B, H, W, 3] in 0..1 (float32, CPU)."""
+
+
+@contextlib.contextmanager
+def sliders_scaled(host: SliderHost, scales: dict[str, float]) -> Iterator[None]:
+    host.set_scales(scales)
+    try:
+        yield
+    finally:
+        host.set_scales({})

@@ -1,0 +1,325 @@
+"""Every LoRA key mapping of the project lives here, and every slider file read or write.
+
+Written: safetensors with kohya keys ``lora_unet_<diffusers module path, . → _>`` and
+``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` plus string metadata — the form ComfyUI's
+stock LoraLoader, A1111/Forge and diffusers all read.
+
+Read (each converted to `SliderWeights` keyed by diffusers module path):
+- kohya with diffusers module names (ours, the official sliders' ``.pt`` files),
+- kohya with LDM module names (``lora_unet_input_blocks_1_1_...``),
+- ComfyUI ``diffusion_model.<LDM path>.lora_up.weight / .lora_down.weight / .alpha``,
+- peft ``<path>.lora_A.weight / .lora_B.weight`` (optionally ``base_model.model.`` / ``unet.``
+  prefixes, no alpha stored → alpha = rank),
+- diffusers' ``<path>.lora.down.weight / .lora.up.weight``.
+``.pt``/``.ckpt``/``.bin`` files are read only through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import FamilyMismatchError, SliderError
+from .slider_weights import META_FAMILY, LoraModule, SliderWeights
+
+log = logging.getLogger(__name__)
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+COMFY_UNET_PREFIX = "diffusion_model."
+SLIDER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def kohya_stem(module_path: str) -> str:
+    """``down_blocks.0.attentions.0.proj_in`` → ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
+
+
+# ---------------------------------------------------------------------------------------------
+# LDM (original Stable Diffusion / ComfyUI) ↔ diffusers UNet module names
+# ---------------------------------------------------------------------------------------------
+_RESNET_LDM_TO_DIFFUSERS = {
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+}
+_RESNET_DIFFUSERS_TO_LDM = {v: k for k, v in _RESNET_LDM_TO_DIFFUSERS.items()}
+
+
+def unet_block_prefixes(unet_config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(LDM prefix, diffusers prefix, kind) for every block of a UNet2DConditionModel layout.
+
+    kind is "resnet", "attention" or "sampler"; the inner names of attention blocks are identical
+    in both namings, resnets rename their layers, samplers are a single conv.
+    """
+    down_types = list(unet_config["down_block_types"])
+    up_types = list(unet_config["up_block_types"])
+    layers = unet_config["layers_per_block"]
+    layers = [layers] * len(down_types) if isinstance(layers, int) else list(layers)
+    blocks: list[tuple[str, str, str]] = [
+        ("input_blocks.0.0", "conv_in", "sampler"),
+        ("time_embed.0", "time_embedding.linear_1", "sampler"),
+        ("time_embed.2", "time_embedding.linear_2", "sampler"),
+        ("label_emb.0.0", "add_embedding.linear_1", "sampler"),
+        ("label_emb.0.2", "add_embedding.linear_2", "sampler"),
+        ("out.0", "conv_norm_out", "sampler"),
+        ("out.2", "conv_out", "sampler"),
+    ]
+    n = 1
+    for i, block_type in enumerate(down_types):
+        for j in range(layers[i]):
+            blocks.append((f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}", "resnet"))
+            if "CrossAttn" in block_type:
+                blocks.append((f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", "attention"))
+            n += 1
+        if i < len(down_types) - 1:
+            blocks.append((f"input_blocks.{n}.0.op", f"down_blocks.{i}.downsamplers.0.conv", "sampler"))
+            n += 1
+    mid_type = unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    blocks.append(("middle_block.0", "mid_block.resnets.0", "resnet"))
+    if "CrossAttn" in mid_type:
+        blocks.append(("middle_block.1", "mid_block.attentions.0", "attention"))
+        blocks.append(("middle_block.2", "mid_block.resnets.1", "resnet"))
+    else:
+        blocks.append(("middle_block.1", "mid_block.resnets.1", "resnet"))
+    up_layers = list(reversed(layers))
+    n = 0
+    for i, block_type in enumerate(up_types):
+        has_attn = "CrossAttn" in block_type
+        for j in range(up_layers[i] + 1):
+            blocks.append((f"output_blocks.{n}.0", f"up_blocks.{i}.resnets.{j}", "resnet"))
+            if has_attn:
+                blocks.append((f"output_blocks.{n}.1", f"up_blocks.{i}.attentions.{j}", "attention"))
+            if j == up_layers[i] and i < len(up_types) - 1:
+                blocks.append((f"output_blocks.{n}.{2 if has_attn else 1}.conv",
+                               f"up_blocks.{i}.upsamplers.0.conv", "sampler"))
+            n += 1
+    return blocks
+
+
+def _convert_module_path(path: str, blocks: list[tuple[str, str, str]], to_ldm: bool) -> str | None:
+    best = None
+    for ldm, diffusers, kind in blocks:
+        src, dst = (diffusers, ldm) if to_ldm else (ldm, diffusers)
+        if (path == src or path.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
+            best = (src, dst, kind)
+    if best is None:
+        return None
+    src, dst, kind = best
+    inner = path[len(src) + 1:]
+    if not inner:
+        return dst
+    if kind == "resnet":
+        table = _RESNET_DIFFUSERS_TO_LDM if to_ldm else _RESNET_LDM_TO_DIFFUSERS
+        if inner not in table:
+            return None
+        inner = table[inner]
+    elif kind == "sampler":
+        return None
+    return f"{dst}.{inner}"
+
+
+def diffusers_to_ldm(path: str, unet_config: Mapping[str, Any]) -> str | None:
+    return _convert_module_path(path, unet_block_prefixes(unet_config), to_ldm=True)
+
+
+def ldm_to_diffusers(path: str, unet_config: Mapping[str, Any]) -> str | None:
+    return _convert_module_path(path, unet_block_prefixes(unet_config), to_ldm=False)
+
+
+class UnetNaming:
+    """Resolves any key form of a module back to the model's diffusers module path."""
+
+    def __init__(self, module_paths: Iterable[str], unet_config: Mapping[str, Any] | None = None):
+        self.module_paths = set(module_paths)
+        self._by_stem = {kohya_stem(p): p for p in self.module_paths}
+        self._ldm_to_path: dict[str, str] = {}
+        if unet_config is not None and "down_block_types" in unet_config:
+            blocks = unet_block_prefixes(unet_config)
+            for p in self.module_paths:
+                ldm = _convert_module_path(p, blocks, to_ldm=True)
+                if ldm is not None:
+                    self._ldm_to_path[ldm] = p
+                    self._by_stem.setdefault(kohya_stem(ldm), p)
+
+    def from_kohya(self, stem: str) -> str | None:
+        return self._by_stem.get(stem)
+
+    def from_ldm(self, ldm_path: str) -> str | None:
+        return self._ldm_to_path.get(ldm_path)
+
+    def from_dotted(self, path: str) -> str | None:
+        return path if path in self.module_paths else self._ldm_to_path.get(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# state dict ↔ SliderWeights
+# ---------------------------------------------------------------------------------------------
+_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    # (form, regex with groups: module, part) — part is down / up / alpha
+    ("kohya", re.compile(r"^(lora_unet_\w+?)\.(lora_down|lora_up)\.weight$")),
+    ("kohya", re.compile(r"^(lora_unet_\w+?)\.(alpha)$")),
+    ("comfy", re.compile(r"^diffusion_model\.(.+)\.(lora_down|lora_up)\.weight$")),
+    ("comfy", re.compile(r"^diffusion_model\.(.+)\.(alpha)$")),
+    ("peft", re.compile(r"^(?:base_model\.model\.)?(?:unet\.)?(.+)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")),
+    ("diffusers", re.compile(r"^(?:unet\.)?(.+)\.lora\.(down|up)\.weight$")),
+]
+_PART = {"lora_down": "down", "lora_up": "up", "lora_A": "down", "lora_B": "up",
+         "down": "down", "up": "up", "alpha": "alpha"}
+
+
+def to_kohya_state_dict(weights: SliderWeights) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path, module in sorted(weights.modules.items()):
+        stem = kohya_stem(path)
+        out[f"{stem}.lora_down.weight"] = module.down.detach().contiguous().cpu()
+        out[f"{stem}.lora_up.weight"] = module.up.detach().contiguous().cpu()
+        out[f"{stem}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    return out
+
+
+def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
+                    metadata: Mapping[str, str] | None = None, source: str = "slider") -> SliderWeights:
+    """Any supported key form → SliderWeights keyed by the model's diffusers module paths."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown, unmatched, skipped_te = [], [], []
+    for key, tensor in state.items():
+        if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
+            skipped_te.append(key)
+            continue
+        for form, pattern in _PATTERNS:
+            match = pattern.match(key)
+            if match:
+                break
+        else:
+            unknown.append(key)
+            continue
+        module_key, part = match.group(1), _PART[match.group(2)]
+        if form == "kohya":
+            path = naming.from_kohya(module_key)
+        elif form == "comfy":
+            path = naming.from_ldm(module_key) or naming.from_dotted(module_key)
+        else:
+            path = naming.from_dotted(module_key)
+        if path is None:
+            unmatched.append(key)
+            continue
+        parts.setdefault(path, {})[part] = tensor
+    if unknown:
+        raise SliderError(f"{source}: {len(unknown)} key(s) in no known LoRA format, e.g. {unknown[:3]}")
+    if unmatched:
+        raise SliderError(
+            f"{source}: {len(unmatched)} key(s) name modules this model does not have, e.g. {unmatched[:3]}; "
+            "the slider was probably trained for another base model family")
+    if skipped_te:
+        log.warning("%s: ignoring %d text-encoder LoRA key(s); sliders act on the UNet only", source, len(skipped_te))
+    if not parts:
+        raise SliderError(f"{source}: no UNet LoRA weights found")
+    modules = {}
+    for path, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            raise SliderError(f"{source}: module {path} lacks its {'up' if 'down' in p else 'down'} weight")
+        down, up = p["down"], p["up"]
+        if down.shape[0] != up.shape[1]:
+            raise SliderError(f"{source}: module {path} has mismatched ranks {tuple(down.shape)} / {tuple(up.shape)}")
+        alpha = float(p["alpha"].item()) if "alpha" in p else float(down.shape[0])
+        modules[path] = LoraModule(down=down, up=up, alpha=alpha)
+    return SliderWeights(modules=modules, metadata=dict(metadata or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+def safe_output_path(folder: str | Path, name: str, suffix: str = ".safetensors") -> Path:
+    """A file name from a user/widget resolved inside `folder`; separators, '..' and absolute paths are refused."""
+    if not name or not name.strip():
+        raise SliderError("slider name is empty")
+    if "/" in name or "\\" in name or name in (".", "..") or ".." in Path(name).parts or "\x00" in name:
+        raise SliderError(f"slider name {name!r} must be a plain file name without path separators or '..'")
+    if not name.endswith(suffix):
+        name += suffix
+    folder = Path(folder).resolve()
+    path = (folder / name).resolve()
+    if path.parent != folder:
+        raise SliderError(f"slider name {name!r} escapes the output folder {folder}")
+    return path
+
+
+def save_slider(weights: SliderWeights, path: str | Path) -> Path:
+    """Write kohya safetensors atomically: a temp file in the same folder, fsync, then rename."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SliderError(f"sliders are saved as .safetensors, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = to_kohya_state_dict(weights)
+    metadata = {k: str(v) for k, v in weights.metadata.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file; never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise SliderError(f"slider file not found: {path}")
+    if path.suffix not in SLIDER_SUFFIXES:
+        raise SliderError(f"{path.name}: unsupported slider file type; expected one of {SLIDER_SUFFIXES}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise SliderError(f"{path.name}: corrupt or truncated safetensors file ({exc})") from exc
+        return tensors, metadata
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types; all mean "not a plain tensor dict"
+        raise SliderError(f"{path.name}: unreadable or corrupt .pt file, or it holds more than tensors ({exc})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SliderError(f"{path.name}: expected a dict of tensors")
+    return dict(obj), {}
+
+
+def load_slider(path: str | Path, naming: UnetNaming, family: str | None = None) -> SliderWeights:
+    """Read any supported slider/LoRA file for a model; refuse one made for another family."""
+    path = Path(path)
+    tensors, metadata = read_state_dict(path)
+    file_family = metadata.get(META_FAMILY)
+    if family is not None and file_family is not None and file_family != family:
+        raise FamilyMismatchError(
+            f"{path.name} is a slider for base family '{file_family}', but the model is '{family}'; "
+            "load a model of that family or train the slider for this one")
+    weights = from_state_dict(tensors, naming, metadata, source=path.name)
+    weights.metadata.setdefault("sliders.source_file", path.name)
+    return weights
+
+
+def describe(weights: SliderWeights) -> dict[str, Any]:
+    prompts = weights.metadata.get("sliders.prompts")
+    return {
+        "family": weights.family,
+        "modules": len(weights.modules),
+        "ranks": sorted({m.rank for m in weights.modules.values()}),
+        "prompts": json.loads(prompts) if prompts else None,
+        "steps": weights.metadata.get("sliders.steps"),
+    }
