@@ -1,0 +1,207 @@
+import json
+
+import pytest
+import torch
+
+from conftest import random_slider
+from sliders_core.config import TrainConfig
+from sliders_core.errors import TrainingDivergedError
+from sliders_core.formats import load_slider
+from sliders_core.prompts import PromptPair
+from sliders_core.text_slider import encode_pair, frozen_target, slider_modules, train_text_slider
+
+AGE = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0,
+                 preservation=("male", "female", "child"))
+
+
+def quick_config(**overrides):
+    base = dict(iterations=6, lr=1e-3, resolution=32, trajectory_steps=4, trajectory_reuse=3, seed=0)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("action", ["enhance", "erase"])
+def test_target_is_eq8_summed_over_every_preservation_prompt(sd1, action):
+    pair = PromptPair(target=AGE.target, positive=AGE.positive, negative=AGE.negative, eta=2.5,
+                      preservation=AGE.preservation, action=action, neutral="a photo")
+    item = encode_pair(sd1, pair)
+    random_slider(sd1)  # attached but must not take part in the frozen predictions
+    sd1.sliders.set_scales({"s": 1.0})
+    gen = torch.Generator().manual_seed(1)
+    x_t, level = torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([700, 300])
+
+    batched = frozen_target(sd1, item, x_t, level)
+
+    with torch.no_grad(), sd1.sliders.disabled():
+        def eps(prompt):  # one separate forward per prompt, per sample
+            return torch.cat([sd1.predict(x_t[i:i + 1], level[i:i + 1], sd1.encode([prompt])) for i in range(2)])
+        sign = 1.0 if action == "enhance" else -1.0
+        direct = eps("a photo") + sign * 2.5 * sum(
+            eps(f"a person, old, {p}") - eps(f"a person, young, {p}") for p in AGE.preservation)
+    assert torch.allclose(batched, direct, atol=1e-5, rtol=1e-4)
+    # and it is not what one sampled attribute (the reference's shortcut) would give
+    with torch.no_grad(), sd1.sliders.disabled():
+        one = eps("a photo") + sign * 2.5 * (eps("a person, old, male") - eps("a person, young, male"))
+    assert not torch.allclose(batched, one, atol=1e-4)
+
+
+def test_frozen_predictions_are_one_batched_forward_at_the_trajectory_level(sd1, monkeypatch):
+    calls = []
+    real_predict, real_sample = sd1.predict, sd1.sample
+    trajectories = []
+
+    def spy_predict(x, level, cond):
+        calls.append((x.detach().clone(), level.clone(), len(cond), torch.is_grad_enabled()))
+        return real_predict(x, level, cond)
+
+    def spy_sample(*args, **kwargs):
+        calls.clear()
+        trajectories.append(real_sample(*args, **kwargs))
+        calls.clear()
+        return trajectories[-1]
+
+    monkeypatch.setattr(sd1, "predict", spy_predict)
+    monkeypatch.setattr(sd1, "sample", spy_sample)
+    train_text_slider(sd1, [AGE], quick_config(iterations=1, batch_size=2), progress=False)
+    frozen, lora = calls
+    assert frozen[2] == 2 * (1 + 2 * 3) and not frozen[3]  # 7 prompts × batch 2, no grad, one call
+    assert lora[2] == 2 and lora[3]
+    states, levels = trajectories[0].states, trajectories[0].levels
+    matches = [k for k in range(len(states)) if torch.equal(frozen[0][:2], states[k])]
+    assert len(matches) == 1 and matches[0] >= 1  # a recorded state, never the pure noise
+    assert torch.equal(frozen[1][:2], levels[matches[0]])  # trained at the level it sits at
+    assert torch.equal(lora[0], states[matches[0]])
+
+
+def test_training_loss_falls(sd1):
+    # one fixed x_t (2-step trajectory, reused throughout) makes the objective stationary
+    config = quick_config(iterations=40, lr=3e-3, trajectory_steps=2, trajectory_reuse=1000)
+    result = train_text_slider(sd1, [AGE], config, progress=False)
+    assert result.losses[-1] < 0.3 * result.losses[0]
+    assert len(result.weights.modules) == len(slider_modules(sd1, "noxattn"))
+
+
+def test_training_loss_falls_on_sdxl(sdxl):
+    config = quick_config(iterations=30, lr=3e-3, trajectory_steps=2, trajectory_reuse=1000, layers="attn")
+    result = train_text_slider(sdxl, [AGE], config, progress=False)
+    assert result.losses[-1] < 0.3 * result.losses[0]
+    assert all(".attn" in p for p in result.weights.modules)
+
+
+def test_same_seed_same_slider_and_other_seed_differs(sd1):
+    from sliders_core.backends.diffusers_backend import DiffusersDenoiser
+    from sliders_core.tiny import tiny_sd1_pipeline
+
+    a = train_text_slider(sd1, [AGE], quick_config(), progress=False).weights
+    b = train_text_slider(DiffusersDenoiser(tiny_sd1_pipeline()), [AGE], quick_config(), progress=False).weights
+    c = train_text_slider(DiffusersDenoiser(tiny_sd1_pipeline()), [AGE], quick_config(seed=1), progress=False).weights
+    assert all(torch.equal(a.modules[p].up, b.modules[p].up) for p in a.modules)
+    assert not all(torch.equal(a.modules[p].up, c.modules[p].up) for p in a.modules)
+
+
+def test_effect_is_linear_in_alpha_and_flips_sign(sd1):
+    random_slider(sd1, scale=0.01)
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([400]), sd1.encode(["a person"])
+
+    @torch.no_grad()
+    def out(alpha):
+        sd1.sliders.set_scales({"s": alpha})
+        return sd1.predict(x, t, c)
+
+    base = out(0.0)
+    with torch.no_grad(), sd1.sliders.disabled():
+        assert torch.equal(base, sd1.predict(x, t, c))
+    d = {a: (out(a) - base).flatten() for a in (-2.0, -1.0, 0.5, 1.0, 2.0)}
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(d[1.0], -d[-1.0], dim=0) > 0.99  # negative α moves the other way
+    assert cos(d[1.0], d[2.0], dim=0) > 0.99
+    for a in (-2.0, 0.5, 2.0):
+        ratio = d[a].norm() / d[1.0].norm()
+        assert abs(ratio - abs(a)) < 0.1 * abs(a)
+    # exactly linear per layer: the peft layer's effective weight is W + α·ΔW
+    path = next(p for p in sd1.sliders.lora_candidates() if p.endswith("attn1.to_q"))
+    layer = sd1.unet.get_submodule(path)
+    delta = sd1.sliders.export("s").modules[path].delta_weight()
+    probe = torch.randn(3, layer.in_features)
+    for alpha in (-1.7, 0.3, 2.5):
+        sd1.sliders.set_scales({"s": alpha})
+        with torch.no_grad():
+            assert torch.allclose(layer(probe), probe @ (layer.base_layer.weight + alpha * delta).T, atol=1e-5)
+
+
+def test_sliders_compose_with_independent_scales(sd1):
+    a = random_slider(sd1, name="a", seed=1, scale=0.05)
+    b = random_slider(sd1, name="b", layers="attn", seed=2, scale=0.05)
+    path = next(p for p in a.modules if p.endswith("attn1.to_k") and p in b.modules)
+    layer = sd1.unet.get_submodule(path)
+    probe = torch.randn(2, layer.in_features)
+    sd1.sliders.set_scales({"a": 1.5, "b": -0.7})
+    expected = probe @ (layer.base_layer.weight + 1.5 * a.modules[path].delta_weight()
+                        - 0.7 * b.modules[path].delta_weight()).T
+    with torch.no_grad():
+        assert torch.allclose(layer(probe), expected, atol=1e-5)
+    sd1.sliders.set_scales({"a": 1.5})
+    with torch.no_grad():
+        assert torch.allclose(layer(probe), probe @ (layer.base_layer.weight + 1.5 * a.modules[path].delta_weight()).T,
+                              atol=1e-5)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(sd1, tmp_path, monkeypatch):
+    real_predict = sd1.predict
+    count = {"lora": 0}
+
+    def poisoned(x, level, cond):
+        out = real_predict(x, level, cond)
+        if torch.is_grad_enabled():
+            count["lora"] += 1
+            if count["lora"] == 4:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(sd1, "predict", poisoned)
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(TrainingDivergedError, match="step 4.*step 3"):
+        train_text_slider(sd1, [AGE], quick_config(iterations=10), checkpoint_path=path, progress=False)
+    saved = load_slider(path, sd1.naming, sd1.family)
+    assert saved.metadata["sliders.steps"] == "3"
+    assert all(torch.isfinite(m.up).all() and torch.isfinite(m.down).all() for m in saved.modules.values())
+
+
+def test_save_every_and_resume(sd1, tmp_path):
+    from sliders_core.backends.diffusers_backend import DiffusersDenoiser
+    from sliders_core.tiny import tiny_sd1_pipeline
+
+    path = tmp_path / "s.safetensors"
+    steps_seen = []
+    train_text_slider(sd1, [AGE], quick_config(iterations=4, save_every=2), checkpoint_path=path,
+                      callback=lambda step, total, loss: steps_seen.append((step, total)), progress=False)
+    assert steps_seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    first = load_slider(path, sd1.naming, sd1.family)
+    assert first.metadata["sliders.steps"] == "4"
+    assert json.loads(first.metadata["sliders.prompts"])[0]["preservation"] == list(AGE.preservation)
+    other = DiffusersDenoiser(tiny_sd1_pipeline())
+    result = train_text_slider(other, [AGE], quick_config(iterations=7), resume=first, progress=False)
+    assert len(result.losses) == 3 and result.weights.metadata["sliders.steps"] == "7"
+    moved = [not torch.equal(first.modules[p].up, result.weights.modules[p].up) for p in first.modules]
+    assert any(moved)
+
+
+def test_cancel_from_callback_stops_without_writing(sd1, tmp_path):
+    path = tmp_path / "s.safetensors"
+
+    def cancel(step, total, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_text_slider(sd1, [AGE], quick_config(iterations=5), checkpoint_path=path, callback=cancel,
+                          progress=False)
+    assert not path.exists()
+
+
+def test_forward_budget_per_iteration(sd1):
+    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young")
+    config = TrainConfig(iterations=40, resolution=32)  # default trajectory settings
+    result = train_text_slider(sd1, [pair], config, progress=False)
+    # 3 frozen + 1 LoRA + a 30-step CFG trajectory amortised over 20 iterations = 7
+    assert result.unet_samples_per_iteration <= 8
