@@ -209,9 +209,14 @@ def _load_folder(path: Path, dtype: torch.dtype):
     cls = StableDiffusionXLPipeline if class_name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
     try:
-        return cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **extra)
+        return cls.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype), **extra)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise SliderError(f"{path}: could not load the model offline ({exc})") from exc
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # float32 is the default; the keyword is being renamed across diffusers versions, so pass it only when needed
+    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None):
@@ -224,7 +229,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
             f"{path.name}: a single-file checkpoint needs the matching diffusers config offline; pass "
             f"config=<a local diffusers folder of the same architecture ({'SDXL' if is_xl else 'SD1/SD2'})>")
     try:
-        return cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype)
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True, **_dtype_kwargs(dtype))
     except Exception as exc:  # diffusers raises many types here; all mean the same to the user
         raise SliderError(f"{path.name}: could not load the checkpoint offline with config {config} ({exc})") from exc
 

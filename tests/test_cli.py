@@ -1,0 +1,77 @@
+import json
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from sliders_core.cli import main
+
+PROMPTS = """
+target: a person
+positive: a person, old
+unconditional: a person, young
+guidance_scale: 2
+preservation: [male, female]
+"""
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "age.yaml"
+    path.write_text(PROMPTS)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_train_sweep_generate_info(tmp_path, prompt_file, sd1_folder, capsys):
+    out_dir = tmp_path / "sliders"
+    code, summary, _ = run(capsys, "train", "--model", sd1_folder, "--prompts", prompt_file, "--out-dir", out_dir,
+                           "--name", "age", "--iterations", 3, "--resolution", 32, "--sweep", "a person")
+    assert code == 0
+    slider = out_dir / "age.safetensors"
+    assert summary["slider"] == str(slider.resolve()) and slider.is_file()
+    with safe_open(str(slider), "pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+        meta = f.metadata()
+    assert meta["sliders.steps"] == "3" and json.loads(meta["sliders.eta"]) == [2.0]
+    assert Image.open(summary["sweep"]).size == (5 * 128, 16 + 2 * 128)
+
+    code, summary, _ = run(capsys, "sweep", "--model", sd1_folder, "--slider", slider, "--prompt", "a person",
+                           "--alphas=-1,0,1", "--seeds", "0,1,2", "--steps", 3, "--resolution", 32,
+                           "--with", f"{slider}:0.5", "--out", tmp_path / "grid.png")
+    assert code == 0 and Image.open(tmp_path / "grid.png").size == (3 * 128, 16 + 3 * 128)
+
+    code, summary, _ = run(capsys, "generate", "--model", sd1_folder, "--prompt", "a person", "--slider",
+                           f"{slider}:1.5", "--slider", f"{slider}:-0.5", "--steps", 3, "--resolution", 32,
+                           "--start", 0.3, "--out", tmp_path / "img.png")
+    assert code == 0 and sorted(summary["sliders"].values()) == [-0.5, 1.5]
+
+    code, summary, _ = run(capsys, "info", slider, "--model", sd1_folder)
+    assert code == 0 and summary["loads_on_model"]["modules"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--name", "../escape"], "path separators"),
+    (["--name", "ok", "--rank", "0"], "rank"),
+    (["--name", "ok", "--eta", "-1"], "positive"),
+])
+def test_bad_train_input_fails_cleanly_and_writes_nothing(tmp_path, prompt_file, capsys, extra, message):
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "train", "--model", "tiny-sd1", "--prompts", prompt_file, "--out-dir", out_dir,
+                       "--iterations", 2, *extra)
+    assert code == 2 and message in err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_slider_for_another_family_is_refused_by_the_cli(tmp_path, prompt_file, capsys):
+    code, summary, _ = run(capsys, "train", "--model", "tiny-sdxl", "--prompts", prompt_file, "--out-dir", tmp_path,
+                           "--name", "xl", "--iterations", 1, "--resolution", 32)
+    assert code == 0
+    code, _, err = run(capsys, "generate", "--model", "tiny-sd1", "--prompt", "x", "--slider", summary["slider"],
+                       "--out", tmp_path / "x.png")
+    assert code == 2 and "base family" in err
