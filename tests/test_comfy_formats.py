@@ -56,7 +56,8 @@ def diffusers_config_for(uc: dict[str, Any]) -> dict[str, Any]:
         per_level.append(level[0])
         k += n
     depth_out = list(uc["transformer_depth_output"])
-    assert depth_out == [d for d in reversed(per_level) for _ in range(nrb[0] + 1)], "uniform up-path depth"
+    # ComfyUI pops transformer_depth_output from the end: it is listed in input-level order
+    assert depth_out == [d for d in per_level for _ in range(nrb[0] + 1)], "uniform up-path depth"
     assert uc["transformer_depth_middle"] == per_level[-1], "diffusers' mid block takes the last level's depth"
     channels = [uc["model_channels"] * m for m in mult]
     if uc.get("num_head_channels", -1) != -1:
