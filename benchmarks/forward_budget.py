@@ -81,7 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a busy box)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     denoiser = DiffusersDenoiser(tiny_sd1_pipeline())
     ours(denoiser, PAIR, 3, args.resolution, 99)  # warm-up: first calls of each batch shape are slow on CPU

@@ -143,7 +143,7 @@ def cmd_train(args, model=None) -> dict:
     }
     if args.sweep:
         columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1],
-                        resolution=config.resolution)
+                        resolution=config.resolution, progress=True)
         grid = out.with_name(out.stem + "_sweep.png")
         _write_png(grid_image(columns, [f"alpha={a:g}" for a in (-2, -1, 0, 1, 2)]), grid)
         summary["sweep"] = str(grid)
@@ -173,7 +173,7 @@ def cmd_generate(args) -> dict:
     from .inference import generate
 
     images = generate(denoiser, args.prompt, scales=scales, seeds=_ints(args.seeds), steps=args.steps,
-                      guidance=args.guidance, resolution=args.resolution, start=args.start)
+                      guidance=args.guidance, resolution=args.resolution, start=args.start, progress=True)
     path = _write_png(grid_image([images], [", ".join(f"{k}={v:g}" for k, v in scales.items()) or "base"]), args.out)
     return {"image": str(path), "sliders": scales}
 
@@ -187,7 +187,8 @@ def cmd_sweep(args) -> dict:
         others[attach_slider_file(denoiser, spec.path)] = spec.alpha
     alphas = _floats(args.alphas)
     columns = sweep(denoiser, args.prompt, main, alphas, seeds=_ints(args.seeds), others=others,
-                    steps=args.steps, guidance=args.guidance, resolution=args.resolution, start=args.start)
+                    steps=args.steps, guidance=args.guidance, resolution=args.resolution, start=args.start,
+                    progress=True)
     path = _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), args.out)
     return {"grid": str(path), "alphas": alphas}
 

@@ -108,8 +108,10 @@ class Denoiser(Protocol):
 
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
-               record: bool = False) -> Trajectory:
-        """CFG sampling. `uncond` is one Cond or one per step (null-text inversion)."""
+               record: bool = False, generator: torch.Generator | None = None,
+               progress: bool = False) -> Trajectory:
+        """CFG sampling. `uncond` is one Cond or one per step (null-text inversion); `generator`
+        seeds stochastic samplers; `record` keeps every state with its level."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images [B, H, W, 3] in 0..1 (float32, CPU)."""

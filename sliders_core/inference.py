@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from .denoiser import Denoiser, SliderSchedule
 from .errors import FamilyMismatchError, SliderError
@@ -74,7 +75,7 @@ def delayed_schedule(scales: dict[str, float], start: float) -> SliderSchedule:
 @torch.no_grad()
 def generate(denoiser: Denoiser, prompt: str, *, scales: dict[str, float], seeds: Sequence[int],
              steps: int = 30, guidance: float = 7.5, resolution: int | None = None,
-             start: float = 0.0, negative_prompt: str = "") -> torch.Tensor:
+             start: float = 0.0, negative_prompt: str = "", progress: bool = False) -> torch.Tensor:
     """Images [N, H, W, 3] for each seed with the given slider scales (same noise for equal seeds)."""
     resolution = resolution or denoiser.default_resolution
     noise = torch.cat([denoiser.initial_noise(1, resolution, torch.Generator().manual_seed(s)) for s in seeds])
@@ -82,7 +83,8 @@ def generate(denoiser: Denoiser, prompt: str, *, scales: dict[str, float], seeds
     schedule = delayed_schedule(scales, start)
     try:
         trajectory = denoiser.sample(cond, uncond, guidance=guidance, steps=steps, noise=noise,
-                                     slider_schedule=schedule)
+                                     slider_schedule=schedule, progress=progress,
+                                     generator=torch.Generator().manual_seed(seeds[0]))
     finally:
         denoiser.sliders.set_scales({})
     return denoiser.decode(trajectory.final)
@@ -91,7 +93,8 @@ def generate(denoiser: Denoiser, prompt: str, *, scales: dict[str, float], seeds
 def sweep(denoiser: Denoiser, prompt: str, slider: str, alphas: Sequence[float], *, seeds: Sequence[int] = (0,),
           others: dict[str, float] | None = None, **kwargs) -> list[torch.Tensor]:
     """One image batch (one per seed) per α of `slider`, other sliders held at their scales."""
-    return [generate(denoiser, prompt, scales={**(others or {}), slider: a}, seeds=seeds, **kwargs) for a in alphas]
+    columns = tqdm(alphas, desc="α sweep", disable=not kwargs.get("progress", False), leave=False)
+    return [generate(denoiser, prompt, scales={**(others or {}), slider: a}, seeds=seeds, **kwargs) for a in columns]
 
 
 def grid_image(columns: Sequence[torch.Tensor], labels: Sequence[str], cell: int = 128) -> Image.Image:

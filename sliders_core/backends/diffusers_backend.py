@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -115,7 +116,8 @@ class DiffusersDenoiser:
     @torch.no_grad()
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
-               record: bool = False, generator: torch.Generator | None = None) -> Trajectory:
+               record: bool = False, generator: torch.Generator | None = None,
+               progress: bool = False) -> Trajectory:
         scheduler = self.new_scheduler(steps)
         timesteps = scheduler.timesteps
         per_step = not isinstance(uncond, Cond)
@@ -125,7 +127,7 @@ class DiffusersDenoiser:
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         x = noise.to(self.device) * scheduler.init_noise_sigma
         trajectory = Trajectory(final=x)
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             if slider_schedule is not None:
                 scales = slider_schedule(i, len(timesteps))
                 if scales is not None:
@@ -208,6 +210,8 @@ def _load_folder(path: Path, dtype: torch.dtype):
                           "folder (nothing can be downloaded)")
     cls = StableDiffusionXLPipeline if class_name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    if index.get("vae", [None])[0] is None:
+        extra["vae"] = None  # pixel-space model (e.g. the shapes model): diffusers needs it passed explicitly
     try:
         return cls.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype), **extra)
     except (OSError, ValueError, EnvironmentError) as exc:
