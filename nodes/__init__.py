@@ -1,4 +1,16 @@
-"""ComfyUI nodes: thin adapters over sliders_core (the nodes themselves arrive with the ComfyUI issue)."""
+"""ComfyUI nodes: thin adapters over sliders_core. ComfyUI itself is imported only inside node methods."""
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .apply_nodes import ApplySlider, LoadSlider, SliderStack
+from .sampling_nodes import DelayedLoraSampler, SliderSweep
+from .train_nodes import TrainTextSlider
+
+_NODES = {
+    "ConceptSlidersTrainText": (TrainTextSlider, "Train Text Slider"),
+    "ConceptSlidersLoad": (LoadSlider, "Load Slider"),
+    "ConceptSlidersApply": (ApplySlider, "Apply Slider with Alpha"),
+    "ConceptSlidersStack": (SliderStack, "Slider Stack"),
+    "ConceptSlidersDelayedSampler": (DelayedLoraSampler, "Delayed-LoRA Sampler"),
+    "ConceptSlidersSweep": (SliderSweep, "Slider Sweep"),
+}
+NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in _NODES.items()}

@@ -25,6 +25,26 @@ LAYER_PRESETS: dict[str, frozenset[str]] = {
     "all": frozenset(LAYER_KINDS),
 }
 
+_ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def classify_unet_module(path: str) -> str | None:
+    """Layer kind of a diffusers UNet module path (see config.LAYER_KINDS), or None if not a target."""
+    if ".attentions." in path:
+        if ".attn1." in path and path.endswith(_ATTN_PROJ):
+            return "self_attn"
+        if ".attn2." in path and path.endswith(("to_k", "to_v")):
+            return "cross_attn_kv"
+        if ".attn2." in path and path.endswith(("to_q", "to_out.0")):
+            return "cross_attn_q_out"
+        if path.endswith(("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")):
+            return "transformer_other"
+        return None
+    if ".resnets." in path and path.endswith(("conv1", "conv2", "time_emb_proj", "conv_shortcut")):
+        return "resnet"
+    return None
+
+
 MAX_ETA = 50.0  # the reference uses 1–4; beyond this the target is dominated by the η term
 
 

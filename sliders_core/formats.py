@@ -138,17 +138,18 @@ def ldm_to_diffusers(path: str, unet_config: Mapping[str, Any]) -> str | None:
 class UnetNaming:
     """Resolves any key form of a module back to the model's diffusers module path."""
 
-    def __init__(self, module_paths: Iterable[str], unet_config: Mapping[str, Any] | None = None):
+    def __init__(self, module_paths: Iterable[str], unet_config: Mapping[str, Any] | None = None,
+                 ldm_names: Mapping[str, str] | None = None):
+        """`ldm_names` (diffusers path → LDM path) comes from a host that knows it (ComfyUI);
+        otherwise it is derived from a diffusers `unet_config`."""
         self.module_paths = set(module_paths)
         self._by_stem = {kohya_stem(p): p for p in self.module_paths}
-        self._ldm_to_path: dict[str, str] = {}
-        if unet_config is not None and "down_block_types" in unet_config:
+        if ldm_names is None and unet_config is not None and "down_block_types" in unet_config:
             blocks = unet_block_prefixes(unet_config)
-            for p in self.module_paths:
-                ldm = _convert_module_path(p, blocks, to_ldm=True)
-                if ldm is not None:
-                    self._ldm_to_path[ldm] = p
-                    self._by_stem.setdefault(kohya_stem(ldm), p)
+            ldm_names = {p: _convert_module_path(p, blocks, to_ldm=True) for p in self.module_paths}
+        self._ldm_to_path = {ldm: p for p, ldm in (ldm_names or {}).items() if ldm is not None and p in self.module_paths}
+        for ldm, p in self._ldm_to_path.items():
+            self._by_stem.setdefault(kohya_stem(ldm), p)
 
     def from_kohya(self, stem: str) -> str | None:
         return self._by_stem.get(stem)

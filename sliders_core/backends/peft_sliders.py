@@ -10,28 +10,9 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from ..config import classify_unet_module
 from ..errors import SliderError
 from ..slider_weights import LoraModule, SliderWeights
-
-_ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def classify_unet_module(path: str) -> str | None:
-    """Layer kind of a diffusers UNet module path (see config.LAYER_KINDS), or None if not a target."""
-    if ".attentions." in path:
-        if ".attn1." in path and path.endswith(_ATTN_PROJ):
-            return "self_attn"
-        if ".attn2." in path and path.endswith(("to_k", "to_v")):
-            return "cross_attn_kv"
-        if ".attn2." in path and path.endswith(("to_q", "to_out.0")):
-            return "cross_attn_q_out"
-        if path.endswith(("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")):
-            return "transformer_other"
-        return None
-    if ".resnets." in path and path.endswith(("conv1", "conv2", "time_emb_proj", "conv_shortcut")):
-        return "resnet"
-    return None
-
 
 class PeftSliderHost:
     def __init__(self, unet: torch.nn.Module):

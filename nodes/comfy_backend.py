@@ -1,0 +1,266 @@
+"""The core's Denoiser and SliderHost over ComfyUI's own objects: a MODEL (ModelPatcher) and a CLIP.
+
+The only module of the pack that knows ComfyUI internals. Sliders live on a clone of the graph's
+ModelPatcher as weight wrappers (the host's `add_weight_wrapper` machinery, applied in
+`comfy.ops.cast_bias_weight` on every forward), each with its own scale read from one shared dict,
+so α changes per step without re-patching. Noise levels are ComfyUI sigmas; `predict` returns
+(x − x0)/σ, which is ε for EPS/V models and the velocity for flow models — eq. 8 only ever combines
+predictions at one (x_t, σ), so either works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy.weight_adapter.lora import LoraDiff
+
+from ..sliders_core.config import classify_unet_module
+from ..sliders_core.denoiser import Cond, SliderSchedule, Trajectory
+from ..sliders_core.errors import SliderError
+from ..sliders_core.formats import UnetNaming
+from ..sliders_core.slider_weights import LoraModule, SliderWeights
+
+_FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
+             "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega"}
+_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+def model_family(patcher) -> str:
+    name = type(patcher.model.model_config).__name__
+    return _FAMILIES.get(name, name.lower())
+
+
+def module_names(patcher) -> dict[str, str]:
+    """diffusers module path → LDM module path for every slider-capable layer, from ComfyUI's own map."""
+    unet_config = patcher.model.model_config.unet_config
+    mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers param → LDM param
+    modules = dict(patcher.model.diffusion_model.named_modules())
+    names = {}
+    for diffusers_param, ldm_param in mapping.items():
+        if not (diffusers_param.endswith(".weight") and ldm_param.endswith(".weight")):
+            continue
+        path, ldm = diffusers_param[: -len(".weight")], ldm_param[: -len(".weight")]
+        module = modules.get(ldm)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and classify_unet_module(path):
+            names[path] = ldm
+    return names
+
+
+class SliderDiff(LoraDiff):
+    """ComfyUI's trainable LoRA weight adapter with a slider multiplier looked up per forward."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha: float, scales: dict, slider: str):
+        super().__init__((up.flatten(1), down.flatten(1), alpha, None, None, None))
+        self.scales = scales
+        self.slider = slider
+        self.down_shape = tuple(down.shape)
+        self.up_shape = tuple(up.shape)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        scale = self.scales.get(self.slider, 0.0)
+        if scale == 0.0:
+            return w
+        diff = self.lora_up.weight @ self.lora_down.weight
+        return (w + (scale * self.alpha / self.rank) * diff.reshape(w.shape).to(w.dtype)).to(w.dtype)
+
+
+def _copy_weight(w: torch.Tensor) -> torch.Tensor:
+    """Identity wrapper: its mere presence makes cast_bias_weight copy the (inference-mode) weight."""
+    return w
+
+
+class ComfySliderHost:
+    def __init__(self, patcher, names: dict[str, str]):
+        self.patcher = patcher
+        self.names_map = names
+        self.scales: dict[str, float] = {}
+        self._adapters: dict[str, dict[str, SliderDiff]] = {}
+        self._trainable: set[str] = set()
+
+    def lora_candidates(self) -> dict[str, str]:
+        return {p: classify_unet_module(p) for p in self.names_map}
+
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
+            rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
+        if name in self._adapters:
+            raise SliderError(f"a slider named {name!r} is already attached")
+        modules = list(weights.modules) if weights is not None else list(modules)
+        missing = [m for m in modules if m not in self.names_map]
+        if missing:
+            raise SliderError(f"the slider names modules this model does not have, e.g. {missing[:3]}; "
+                              "it was probably made for another model family")
+        diffusion_model = self.patcher.model.diffusion_model
+        adapters = {}
+        for path in modules:
+            ldm = self.names_map[path]
+            base = diffusion_model.get_submodule(ldm).weight
+            if weights is not None:
+                lora = weights.modules[path]
+                up, down, module_alpha = lora.up.float(), lora.down.float(), lora.alpha
+                if up.shape[0] * down[0].numel() != base.numel():
+                    raise SliderError(f"slider weight for {path} does not fit the model's {tuple(base.shape)}: "
+                                      "it was made for another model")
+            else:  # the peft/kohya initialisation: random down, zero up, so a new slider is a no-op
+                down = torch.empty(rank, *base.shape[1:])
+                torch.nn.init.kaiming_uniform_(down.view(rank, -1), a=math.sqrt(5))
+                up = torch.zeros(base.shape[0], rank, *([1] * (base.dim() - 2)))
+                module_alpha = alpha
+            adapter = SliderDiff(up, down, module_alpha, self.scales, name).to(base.device)
+            adapter.requires_grad_(trainable)
+            adapters[path] = adapter
+            self.patcher.add_weight_wrapper(f"diffusion_model.{ldm}.weight", adapter)
+        self._adapters[name] = adapters
+        if trainable:
+            self._trainable.add(name)
+            self._wrap_other_weights()
+
+    def _wrap_other_weights(self) -> None:
+        """Every other weight gets an identity wrapper so autograd never saves an inference-mode tensor
+        (ComfyUI loads weights under inference mode; the wrapper makes cast_bias_weight copy them)."""
+        wrapped = {f"diffusion_model.{self.names_map[p]}.weight" for a in self._adapters.values() for p in a}
+        for module_name, module in self.patcher.model.diffusion_model.named_modules():
+            if not hasattr(module, "weight_function"):
+                continue
+            for kind in ("weight", "bias"):
+                key = f"diffusion_model.{module_name}.{kind}"
+                if getattr(module, kind, None) is not None and key not in wrapped:
+                    self.patcher.add_weight_wrapper(key, _copy_weight)
+
+    def remove(self, name: str) -> None:
+        if self._adapters.pop(name, None) is None:
+            raise SliderError(f"no slider named {name!r}")
+        self.scales.pop(name, None)  # its wrappers stay on this clone but multiply by 0
+        self._trainable.discard(name)
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        unknown = set(scales) - set(self._adapters)
+        if unknown:
+            raise SliderError(f"unknown slider(s) {sorted(unknown)}; attached: {self.names()}")
+        self.scales.clear()
+        self.scales.update({k: float(v) for k, v in scales.items()})
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        saved = dict(self.scales)
+        self.scales.clear()
+        try:
+            yield
+        finally:
+            self.scales.update(saved)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for a in self._adapters[name].values() for p in (a.lora_down.weight, a.lora_up.weight)]
+
+    def export(self, name: str) -> SliderWeights:
+        if name not in self._adapters:
+            raise SliderError(f"no slider named {name!r}")
+        return SliderWeights({
+            path: LoraModule(down=a.lora_down.weight.detach().reshape(a.down_shape).cpu().clone(),
+                             up=a.lora_up.weight.detach().reshape(a.up_shape).cpu().clone(),
+                             alpha=float(a.alpha))
+            for path, a in self._adapters[name].items()})
+
+
+class ComfyDenoiser:
+    """Denoiser (sliders_core.denoiser) over a ComfyUI MODEL and CLIP. Works on a clone of the MODEL."""
+
+    def __init__(self, model, clip=None, vae=None):
+        self.patcher = model.clone()
+        self.clip = clip
+        self.vae = vae
+        self.model = self.patcher.model
+        self.family = model_family(self.patcher)
+        names = module_names(self.patcher)
+        self.sliders = ComfySliderHost(self.patcher, names)
+        self.naming = UnetNaming(names, ldm_names=names)
+        self.default_resolution = _NATIVE_RESOLUTION.get(self.family, 512)
+        self.forward_count = 0
+
+    @property
+    def device(self) -> torch.device:
+        return comfy.model_management.get_torch_device()
+
+    def load(self) -> None:
+        """(Re)load the patched model so new weight wrappers take effect (ComfyUI memory management)."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        if self.clip is None:
+            raise SliderError("a CLIP is needed to encode prompts")
+        contexts, pooled = [], []
+        for prompt in prompts:
+            cond, pool = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
+            contexts.append(cond.detach().clone())
+            pooled.append(pool.detach().clone() if pool is not None else torch.zeros(1, 1))
+        length = math.lcm(*(c.shape[1] for c in contexts))  # long prompts come in 77-token chunks
+        contexts = [c.repeat(1, length // c.shape[1], 1) for c in contexts]
+        return Cond({"context": torch.cat(contexts), "pooled": torch.cat(pooled)})
+
+    def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
+        device, dtype = self.device, self.model.get_dtype()
+        x = x_t.to(device)
+        sigma = level.to(device)
+        kwargs = {}
+        if self.model.adm_channels:
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            kwargs["y"] = self.model.encode_adm(pooled_output=cond.tensors["pooled"].to(device), width=w, height=h,
+                                                target_width=w, target_height=h, device=device).to(dtype)
+        self.forward_count += x.shape[0]
+        x0 = self.model.apply_model(x, sigma, c_crossattn=cond.tensors["context"].to(device, dtype), **kwargs)
+        return ((x - x0.float()) / sigma.view(-1, *[1] * (x.dim() - 1))).float()
+
+    def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+        if resolution % 64:
+            raise SliderError(f"resolution must be a multiple of 64, got {resolution}")
+        channels = self.model.latent_format.latent_channels
+        return torch.randn((batch, channels, resolution // 8, resolution // 8), generator=generator)
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
+               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None, record: bool = False,
+               generator: torch.Generator | None = None, progress: bool = False) -> Trajectory:
+        """Deterministic Euler (DDIM-equivalent) sampling on the model's own sigma schedule."""
+        self.load()
+        sigmas = comfy.samplers.calculate_sigmas(self.model.model_sampling, "normal", steps).float()
+        per_step = not isinstance(uncond, Cond)
+        if per_step and len(uncond) != steps:
+            raise SliderError(f"{len(uncond)} unconditional embeddings for {steps} steps")
+        batch = noise.shape[0]
+        x = self.model.model_sampling.noise_scaling(sigmas[0], noise.float(), torch.zeros_like(noise.float()),
+                                                    max_denoise=True)  # as KSampler does from pure noise
+        trajectory = Trajectory(final=x)
+        c = cond if len(cond) == batch else cond.repeat_each(batch)
+        for i in range(steps):
+            if slider_schedule is not None:
+                scales = slider_schedule(i, steps)
+                if scales is not None:
+                    self.sliders.set_scales(scales)
+            sigma = sigmas[i].expand(batch)
+            u = uncond[i] if per_step else uncond
+            u = u if len(u) == batch else u.repeat_each(batch)
+            if record:
+                trajectory.states.append(x.clone())
+                trajectory.levels.append(sigma.clone())
+            if guidance == 1.0:
+                eps = self.predict(x, sigma, c)
+            else:
+                eps_u, eps_c = self.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([u, c])).chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            x = x + eps.to(x.device) * (sigmas[i + 1] - sigmas[i])
+        trajectory.final = x
+        return trajectory
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise SliderError("a VAE is needed to decode images")
+        return self.vae.decode(self.model.process_latent_out(latents)).float().cpu()
