@@ -115,7 +115,9 @@ class ComfySliderHost:
                 up = torch.zeros(base.shape[0], rank, *([1] * (base.dim() - 2)))
                 module_alpha = alpha
             adapter = SliderDiff(up, down, module_alpha, self.scales, name).to(base.device)
-            adapter.requires_grad_(trainable)
+            adapter.requires_grad_(False)
+            for weight in (adapter.lora_up.weight, adapter.lora_down.weight):  # alpha stays fixed
+                weight.requires_grad_(trainable)
             adapters[path] = adapter
             self.patcher.add_weight_wrapper(f"diffusion_model.{ldm}.weight", adapter)
         self._adapters[name] = adapters

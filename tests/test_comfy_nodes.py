@@ -1,0 +1,216 @@
+"""ComfyUI tier, in-process: the pack's nodes and backend on tiny ComfyUI models (needs COMFYUI_DIR)."""
+
+import importlib.util
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_support
+
+if comfy_support.comfyui_dir() is None:
+    pytest.skip("COMFYUI_DIR not set: the ComfyUI tier needs a ComfyUI checkout (see README)", allow_module_level=True)
+try:
+    C = comfy_support.import_comfy()
+except comfy_support.ComfyUnavailable as exc:
+    pytest.skip(f"ComfyUI not importable here: {exc}", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_pack():
+    """The pack as ComfyUI loads it: a package whose nodes import `..sliders_core` relatively."""
+    name = "concept_sliders_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    import concept_sliders_pack.nodes.comfy_backend  # noqa: F401
+    return sys.modules[name]
+
+
+PACK = _load_pack()
+from concept_sliders_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from concept_sliders_pack.nodes.comfy_backend import ComfyDenoiser  # noqa: E402
+from concept_sliders_pack.nodes.common import SliderFile  # noqa: E402
+from concept_sliders_pack.sliders_core.errors import FamilyMismatchError, SliderError  # noqa: E402
+
+
+class FakeClip:
+    """Deterministic stand-in for a CLIP: each prompt maps to fixed random embeddings."""
+
+    def __init__(self, dim=768, pooled_dim=1280):
+        self.dim, self.pooled_dim = dim, pooled_dim
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        gen = torch.Generator().manual_seed(zlib.crc32(tokens.encode()))
+        cond = torch.randn(1, 77, self.dim, generator=gen)
+        pooled = torch.randn(1, self.pooled_dim, generator=gen)
+        return (cond, pooled) if return_pooled else cond
+
+    def conditioning(self, text):
+        cond, pooled = self.encode_from_tokens(text, return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+
+@pytest.fixture
+def loras(tmp_path, monkeypatch):
+    folder_paths = C["folder_paths"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors", ".pt"}))
+    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    return tmp_path
+
+
+def train(model, clip, name="age", iterations=6, **overrides):
+    args = dict(model=model, clip=clip, target="a person", positive="a person, old", negative="a person, young",
+                preservation="male\nfemale", action="enhance", eta=2.0, rank=2, alpha=1.0, layers="noxattn",
+                iterations=iterations, lr=3e-3, resolution=64, seed=0, slider_name=name, save_every=0,
+                resume_from="none")
+    args.update(overrides)
+    with torch.inference_mode():  # as ComfyUI runs every node
+        return NODE_CLASS_MAPPINGS["ConceptSlidersTrainText"]().train(**args)
+
+
+def forward(patcher, clip, alpha_model=None):
+    gen = torch.Generator().manual_seed(5)
+    x, sigma = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([3.0])
+    context = clip.encode_from_tokens("a person")
+    return comfy_support.patcher_forward(patcher, x, sigma, context)
+
+
+def test_denoiser_predicts_eps_from_the_hosts_denoised_output():
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    denoiser = ComfyDenoiser(patcher, clip)
+    assert denoiser.family == "sd1"
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([2.0, 0.5])
+    cond = denoiser.encode(["a", "b"])
+    denoiser.load()
+    with torch.no_grad():
+        eps = denoiser.predict(x, sigma, cond)
+        x0 = patcher.model.apply_model(x, sigma, c_crossattn=cond.tensors["context"])
+    assert torch.allclose(eps, (x - x0) / sigma.view(-1, 1, 1, 1), atol=1e-5)
+
+
+def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(loras):
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    slider, plot = train(patcher, clip, iterations=8)
+    path = loras / "sliders" / "age.safetensors"
+    assert path.is_file() and plot.shape[0] == 1 and plot.shape[-1] == 3
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    assert all(k.startswith("lora_unet_") for k in state)
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.5)
+    assert unloaded == []
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.5)[0]
+    out_stock, out_ours, out_base = forward(stock, clip), forward(ours, clip), forward(patcher, clip)
+    assert torch.equal(out_stock, out_ours)
+    assert not torch.allclose(out_ours, out_base)
+    # the trained slider is the one that came out of training: loading the file gives the same tensors
+    loaded = NODE_CLASS_MAPPINGS["ConceptSlidersLoad"]().load("sliders/age.safetensors")[0]
+    assert set(loaded.tensors) == set(slider.tensors)
+    assert all(torch.equal(loaded.tensors[k], slider.tensors[k]) for k in slider.tensors)
+
+
+def test_training_loss_falls_on_the_comfy_backend(loras):
+    from concept_sliders_pack.sliders_core.config import TrainConfig
+    from concept_sliders_pack.sliders_core.prompts import PromptPair
+    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
+
+    denoiser = ComfyDenoiser(comfy_support.tiny_sd15_patcher(), FakeClip())
+    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
+    config = TrainConfig(iterations=30, lr=3e-3, resolution=64, trajectory_steps=2, trajectory_reuse=1000, rank=2)
+    with torch.inference_mode(False):
+        result = train_text_slider(denoiser, [pair], config, progress=False)
+    assert result.losses[-1] < 0.3 * result.losses[0]
+    assert result.unet_samples_per_iteration <= 8
+
+
+def _sample(node_output):
+    return node_output[0]["samples"]
+
+
+def test_delayed_sampler_at_step_0_is_plain_application_and_at_the_end_is_the_base_model(loras):
+    import nodes as comfy_nodes
+
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    slider, _ = train(patcher, clip, iterations=6, lr=3e-2)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    pos, neg = clip.conditioning("a person"), clip.conditioning("")
+    common = dict(seed=7, steps=4, cfg=3.0, positive=pos, negative=neg, latent_image=latent)
+    delayed = NODE_CLASS_MAPPINGS["ConceptSlidersDelayedSampler"]()
+    for sampler_name in ("euler", "euler_ancestral"):
+        with torch.inference_mode():
+            applied = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 2.0)[0]
+            plain = _sample(comfy_nodes.common_ksampler(applied, 7, 4, 3.0, sampler_name, "normal", pos, neg, latent))
+            base = _sample(comfy_nodes.common_ksampler(patcher, 7, 4, 3.0, sampler_name, "normal", pos, neg, latent))
+            at0 = _sample(delayed.sample(patcher, slider, 2.0, 0, sampler_name=sampler_name, scheduler="normal",
+                                         denoise=1.0, **common))
+            at_end = _sample(delayed.sample(patcher, slider, 2.0, 4, sampler_name=sampler_name, scheduler="normal",
+                                            denoise=1.0, **common))
+            mid = _sample(delayed.sample(patcher, slider, 2.0, 2, sampler_name=sampler_name, scheduler="normal",
+                                         denoise=1.0, **common))
+        assert not torch.allclose(plain, base, atol=1e-4)
+        assert torch.allclose(at0, plain, atol=1e-4, rtol=1e-4), sampler_name
+        assert torch.equal(at_end, base), sampler_name
+        assert not torch.allclose(mid, plain, atol=1e-4) and not torch.allclose(mid, base, atol=1e-4)
+
+
+def test_sweep_node_returns_a_grid_with_one_column_per_alpha(loras):
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    slider, _ = train(patcher, clip, iterations=2)
+
+    class IdentityVae:
+        def decode(self, samples):
+            return samples[:, :3].permute(0, 2, 3, 1).clamp(0, 1)
+
+    with torch.inference_mode():
+        (grid,) = NODE_CLASS_MAPPINGS["ConceptSlidersSweep"]().sweep(
+            patcher, slider, IdentityVae(), "-1, 0, 1", 0, 0, 2, 3.0, "euler", "normal",
+            clip.conditioning("a person"), clip.conditioning(""), {"samples": torch.zeros(1, 4, 8, 8)})
+    assert grid.shape == (1, 16 + 64, 3 * 64, 3)
+
+
+def test_bad_inputs_give_clear_errors(loras):
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    with pytest.raises(SliderError, match="path separators"):
+        train(patcher, clip, name="../evil")
+    with pytest.raises(SliderError, match="identical"):
+        train(patcher, clip, positive="same", negative="same")
+    with pytest.raises(SliderError, match="non-empty"):
+        train(patcher, clip, positive="")
+    slider, _ = train(patcher, clip, iterations=1)
+    with pytest.raises(ValueError, match="outside"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 100.0)
+    with pytest.raises(ValueError, match="beyond the step count"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersDelayedSampler"]().sample(
+            patcher, slider, 1.0, 9, 0, 4, 3.0, "euler", "normal", clip.conditioning("a"), clip.conditioning(""),
+            {"samples": torch.zeros(1, 4, 8, 8)}, 1.0)
+    xl = comfy_support.tiny_sdxl_patcher()
+    with pytest.raises(FamilyMismatchError, match="base family 'sd1'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(xl, slider, 1.0)
+    (loras / "sliders" / "corrupt.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(SliderError, match="corrupt"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersLoad"]().load("sliders/corrupt.safetensors")
+    no_meta = SliderFile(slider.tensors, {}, "bare")
+    with pytest.raises(SliderError):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(xl, no_meta, 1.0)
+
+
+def test_cancel_stops_training_and_leaves_no_file(loras):
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    mm = C["model_management"]
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(patcher, clip, name="cancelled", iterations=50, save_every=1)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not (loras / "sliders" / "cancelled.safetensors").exists()
