@@ -49,6 +49,7 @@ __all__ = [
     "sdxl_y",
     "patcher_forward",
     "kohya_name",
+    "diffusers_config_for",
 ]
 
 _COMFY: Optional[Dict[str, Any]] = None
@@ -245,6 +246,49 @@ def tiny_sdxl_patcher(seed: int = 0, **unet_overrides):
 # ---------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------
+
+def diffusers_config_for(uc: Dict[str, Any], sample_size: int = 16) -> Dict[str, Any]:
+    """UNet2DConditionModel kwargs with the architecture of ComfyUI's UNetModel config ``uc``."""
+    mult = list(uc["channel_mult"])
+    nrb = list(uc["num_res_blocks"])
+    assert len(set(nrb)) == 1, "diffusers needs the same number of res blocks on every level"
+    depth = list(uc["transformer_depth"])
+    per_level, k = [], 0
+    for n in nrb:
+        level = depth[k:k + n]
+        assert len(set(level)) == 1
+        per_level.append(level[0])
+        k += n
+    depth_out = list(uc["transformer_depth_output"])
+    # ComfyUI pops transformer_depth_output from the end: it is listed in input-level order
+    assert depth_out == [d for d in per_level for _ in range(nrb[0] + 1)], "uniform up-path depth"
+    assert uc["transformer_depth_middle"] == per_level[-1], "diffusers' mid block takes the last level's depth"
+    channels = [uc["model_channels"] * m for m in mult]
+    if uc.get("num_head_channels", -1) != -1:
+        heads = [c // uc["num_head_channels"] for c in channels]
+    else:
+        heads = [uc["num_heads"]] * len(mult)
+    cfg: Dict[str, Any] = dict(
+        sample_size=sample_size,
+        in_channels=uc["in_channels"],
+        out_channels=uc["out_channels"],
+        block_out_channels=tuple(channels),
+        layers_per_block=nrb[0],
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in per_level),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(per_level)),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        transformer_layers_per_block=tuple(max(d, 1) for d in per_level),
+        cross_attention_dim=uc["context_dim"],
+        attention_head_dim=tuple(heads),  # diffusers' legacy name: the number of heads
+        use_linear_projection=bool(uc["use_linear_in_transformer"]),
+        norm_num_groups=32,
+    )
+    if uc.get("adm_in_channels"):
+        assert uc.get("num_classes") == "sequential"
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=uc["adm_in_channels"])
+    return cfg
+
 
 def comfy_lora_key_map(patcher) -> Dict[str, str]:
     """``comfy.lora.model_lora_keys_unet(patcher.model, {})``: LoRA key prefix -> model state key.

@@ -43,49 +43,6 @@ REL_TOL = 1e-4
 # ---------------------------------------------------------------------------------------------
 # A diffusers twin of a ComfyUI UNet
 # ---------------------------------------------------------------------------------------------
-def diffusers_config_for(uc: dict[str, Any]) -> dict[str, Any]:
-    """UNet2DConditionModel kwargs with the architecture of ComfyUI's UNetModel config ``uc``."""
-    mult = list(uc["channel_mult"])
-    nrb = list(uc["num_res_blocks"])
-    assert len(set(nrb)) == 1, "diffusers needs the same number of res blocks on every level"
-    depth = list(uc["transformer_depth"])
-    per_level, k = [], 0
-    for n in nrb:
-        level = depth[k:k + n]
-        assert len(set(level)) == 1
-        per_level.append(level[0])
-        k += n
-    depth_out = list(uc["transformer_depth_output"])
-    # ComfyUI pops transformer_depth_output from the end: it is listed in input-level order
-    assert depth_out == [d for d in per_level for _ in range(nrb[0] + 1)], "uniform up-path depth"
-    assert uc["transformer_depth_middle"] == per_level[-1], "diffusers' mid block takes the last level's depth"
-    channels = [uc["model_channels"] * m for m in mult]
-    if uc.get("num_head_channels", -1) != -1:
-        heads = [c // uc["num_head_channels"] for c in channels]
-    else:
-        heads = [uc["num_heads"]] * len(mult)
-    cfg: dict[str, Any] = dict(
-        sample_size=LATENT,
-        in_channels=uc["in_channels"],
-        out_channels=uc["out_channels"],
-        block_out_channels=tuple(channels),
-        layers_per_block=nrb[0],
-        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in per_level),
-        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(per_level)),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        transformer_layers_per_block=tuple(max(d, 1) for d in per_level),
-        cross_attention_dim=uc["context_dim"],
-        attention_head_dim=tuple(heads),  # diffusers' legacy name: the number of heads
-        use_linear_projection=bool(uc["use_linear_in_transformer"]),
-        norm_num_groups=32,
-    )
-    if uc.get("adm_in_channels"):
-        assert uc.get("num_classes") == "sequential"
-        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=uc["adm_in_channels"])
-    return cfg
-
-
 @dataclasses.dataclass
 class Twin:
     family: str
@@ -108,7 +65,7 @@ def twin(request) -> Twin:
     ldm_state = {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**diffusers_config_for(uc)).eval()
+    unet = UNet2DConditionModel(**comfy_support.diffusers_config_for(uc, LATENT)).eval()
     ours = unet.state_dict()
     unmapped = sorted(k for k in ours if k not in comfy_names or comfy_names[k] not in ldm_state)
     assert not unmapped, f"diffusers params without a ComfyUI counterpart: {unmapped[:5]}"
