@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""Build the UI-format example workflows (`<name>.json`) from the API-format ones (`<name>.api.json`).
+
+The API files are the source of truth: the live ComfyUI tests run them. The UI files, which the
+ComfyUI frontend opens (Workflow → Open, or the pack's templates), are generated from them plus a
+snapshot of the node schemas (`tests/comfy_object_info.json`, the relevant part of ComfyUI's
+`/object_info`), so the two never drift apart. Standard library only; ComfyUI is not needed.
+
+    python workflows/make_ui_workflows.py                      # rewrite workflows/*.json
+    python workflows/make_ui_workflows.py --check              # exit 1 if a UI file is out of date
+    python workflows/make_ui_workflows.py --object-info http://127.0.0.1:8188/object_info
+        # refresh the snapshot from a running ComfyUI (or from a saved /object_info JSON file)
+
+UI format (litegraph, "version": 0.4), as the frontend saves it in its compact form:
+- nodes: id, type, pos, size, flags, order, mode, inputs (the sockets only: {name, type, link}),
+  outputs ({name, type, links, slot_index}), properties, widgets_values;
+- widgets_values: one value per widget input in the node's input order (required, then optional),
+  and after every INT named `seed`/`noise_seed` (or with `control_after_generate`) the value of its
+  "control after generate" combo, which the frontend inserts there (we ship "fixed");
+- links: [id, from_node, from_slot, to_node, to_slot, type], to_slot indexing the node's inputs list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SNAPSHOT = REPO / "tests" / "comfy_object_info.json"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FILE_COMBOS = {"ckpt_name", "lora_name", "slider_name", "resume_from", "vae_name", "unet_name", "clip_name"}
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
+SEED_CONTROL_VALUE = "fixed"
+UI_VERSION = 0.4
+COLUMN_WIDTH = 420
+NODE_WIDTH = {"ConceptSlidersTrainText": 400, "ConceptSlidersSweep": 340, "ConceptSlidersDelayedSampler": 340}
+
+
+# ------------------------------------------------------------------------------------------------
+# Node schema snapshot
+# ------------------------------------------------------------------------------------------------
+
+def normalise_input(name: str, section: str, spec) -> dict:
+    """One /object_info input → {name, section, type, widget, control_after_generate, default?, options?}."""
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    entry: dict = {"name": name, "section": section}
+    combo_values = None
+    if isinstance(kind, list):
+        entry["type"], combo_values = "COMBO", kind
+    elif kind == "COMBO":
+        entry["type"], combo_values = "COMBO", options.get("options", [])
+    else:
+        entry["type"] = str(kind)
+    entry["widget"] = entry["type"] in WIDGET_TYPES and not options.get("forceInput", False)
+    entry["control_after_generate"] = bool(
+        entry["widget"] and entry["type"] == "INT"
+        and options.get("control_after_generate", name in ("seed", "noise_seed")))
+    if "default" in options:
+        entry["default"] = options["default"]
+    for key in ("min", "max", "multiline"):
+        if key in options:
+            entry[key] = options[key]
+    if combo_values is not None:
+        files = name in FILE_COMBOS or any(str(v).lower().endswith(MODEL_EXTENSIONS) for v in combo_values)
+        entry["options"] = None if files or not combo_values else list(combo_values)
+    return entry
+
+
+def normalise_node(info: dict) -> dict:
+    module = info.get("python_module", "")
+    if module.startswith("custom_nodes."):  # "custom_nodes.<folder>" depends on the install folder
+        module = "custom_nodes"
+    order = info.get("input_order") or {s: list(info.get("input", {}).get(s, {})) for s in ("required", "optional")}
+    inputs = []
+    for section in ("required", "optional"):
+        specs = info.get("input", {}).get(section, {}) or {}
+        for name in order.get(section, []) or []:
+            inputs.append(normalise_input(name, section, specs[name]))
+    return {
+        "display_name": info.get("display_name") or info.get("name"),
+        "category": info.get("category", ""),
+        "python_module": module,
+        "output_node": bool(info.get("output_node", False)),
+        "inputs": inputs,
+        "output": list(info.get("output", [])),
+        "output_name": list(info.get("output_name", info.get("output", []))),
+    }
+
+
+def normalise_object_info(object_info: dict, types) -> dict:
+    missing = sorted(set(types) - set(object_info))
+    if missing:
+        raise KeyError(f"/object_info has no node type(s) {missing}")
+    return {t: normalise_node(object_info[t]) for t in sorted(types)}
+
+
+def load_snapshot(path: Path = SNAPSHOT) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------
+# API → UI
+# ------------------------------------------------------------------------------------------------
+
+def api_workflows(folder: Path = HERE) -> dict[str, dict]:
+    """name → API graph for every `<name>.api.json` in folder (sorted by name)."""
+    out = {}
+    for path in sorted(folder.glob("*.api.json")):
+        out[path.name[: -len(".api.json")]] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def expected_widgets_values(class_type: str, api_inputs: dict, schema: dict) -> list:
+    """widgets_values for one node, in the frontend's order (control values after seeds)."""
+    values = []
+    for spec in schema["inputs"]:
+        if not spec["widget"]:
+            continue
+        name = spec["name"]
+        if name in api_inputs:
+            value = api_inputs[name]
+            if is_link(value):
+                raise ValueError(f"{class_type}.{name}: widget inputs fed by links are not supported here")
+        elif spec["section"] == "optional" and "default" in spec:
+            value = spec["default"]
+        else:
+            raise ValueError(f"{class_type}: the API file gives no value for widget input {name!r}")
+        values.append(value)
+        if spec["control_after_generate"]:
+            values.append(SEED_CONTROL_VALUE)
+    return values
+
+
+def _check_api(api: dict, snapshot: dict) -> None:
+    for node_id, node in api.items():
+        if not node_id.isdigit():
+            raise ValueError(f"node id {node_id!r}: use numeric ids (the UI format needs integers)")
+        class_type = node["class_type"]
+        if class_type not in snapshot:
+            raise KeyError(f"node {node_id}: type {class_type} is not in the snapshot {SNAPSHOT.name}; refresh it")
+        known = {s["name"] for s in snapshot[class_type]["inputs"]}
+        unknown = set(node["inputs"]) - known
+        if unknown:
+            raise ValueError(f"node {node_id} ({class_type}): unknown inputs {sorted(unknown)}")
+        for name, value in node["inputs"].items():
+            if is_link(value) and value[0] not in api:
+                raise ValueError(f"node {node_id}.{name} links to missing node {value[0]}")
+
+
+def _depths(api: dict) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def visit(node_id: str, stack: tuple = ()) -> int:
+        if node_id in stack:
+            raise ValueError(f"cycle through node {node_id}")
+        if node_id not in depth:
+            parents = [v[0] for v in api[node_id]["inputs"].values() if is_link(v)]
+            depth[node_id] = 1 + max((visit(p, stack + (node_id,)) for p in parents), default=-1)
+        return depth[node_id]
+
+    for node_id in api:
+        visit(node_id)
+    return depth
+
+
+def _node_height(schema: dict, n_sockets: int, n_outputs: int) -> int:
+    widgets = [s for s in schema["inputs"] if s["widget"]]
+    rows = len(widgets) + sum(s["control_after_generate"] for s in widgets)
+    multiline = sum(1 for s in widgets if s.get("multiline"))
+    return 36 + 22 * max(n_sockets, n_outputs, 1) + 24 * rows + 60 * multiline
+
+
+def api_to_ui(api: dict, snapshot: dict, name: str) -> dict:
+    _check_api(api, snapshot)
+    ids = sorted(api, key=int)
+    depth = _depths(api)
+    order = sorted(ids, key=lambda i: (depth[i], int(i)))
+
+    nodes, links = {}, []
+    for node_id in ids:
+        node = api[node_id]
+        class_type, schema = node["class_type"], snapshot[node["class_type"]]
+        sockets = [s for s in schema["inputs"] if not s["widget"]]
+        ui = {
+            "id": int(node_id),
+            "type": class_type,
+            "pos": [0, 0],
+            "size": [NODE_WIDTH.get(class_type, 320), 0],
+            "flags": {},
+            "order": order.index(node_id),
+            "mode": 0,
+            "inputs": [{"name": s["name"], "type": s["type"], "link": None} for s in sockets],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                        for i, (n, t) in enumerate(zip(schema["output_name"], schema["output"]))],
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": expected_widgets_values(class_type, node["inputs"], schema),
+        }
+        title = node.get("_meta", {}).get("title")
+        if title and title != schema["display_name"]:
+            ui["title"] = title
+        ui["size"][1] = _node_height(schema, len(sockets), len(schema["output"]))
+        nodes[node_id] = ui
+
+    for node_id in ids:  # links in target order: node id, then input order
+        node = api[node_id]
+        for slot, socket in enumerate(nodes[node_id]["inputs"]):
+            value = node["inputs"].get(socket["name"])
+            if value is None:
+                continue
+            if not is_link(value):
+                raise ValueError(f"node {node_id}.{socket['name']} is a socket but has the literal {value!r}")
+            src, src_slot = value
+            outputs = nodes[src]["outputs"]
+            if src_slot >= len(outputs):
+                raise ValueError(f"node {node_id}.{socket['name']} links to output {src_slot} of node {src}, "
+                                 f"which has {len(outputs)} outputs")
+            link_type = outputs[src_slot]["type"]
+            if socket["type"] not in (link_type, "*"):
+                raise ValueError(f"node {node_id}.{socket['name']} ({socket['type']}) is fed a {link_type}")
+            link_id = len(links) + 1
+            links.append([link_id, int(src), src_slot, int(node_id), slot, link_type])
+            socket["link"] = link_id
+            outputs[src_slot]["links"].append(link_id)
+
+    # layout: one column per depth, nodes stacked in id order
+    column_y: dict[int, int] = {}
+    for node_id in ids:
+        d = depth[node_id]
+        y = column_y.get(d, 40)
+        nodes[node_id]["pos"] = [40 + d * COLUMN_WIDTH, y]
+        column_y[d] = y + nodes[node_id]["size"][1] + 50
+
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-concept-sliders/{name}")),
+        "revision": 0,
+        "last_node_id": max(int(i) for i in ids),
+        "last_link_id": len(links),
+        "nodes": [nodes[i] for i in ids],
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+        "version": UI_VERSION,
+    }
+
+
+def dumps(ui: dict) -> str:
+    return json.dumps(ui, indent=2, ensure_ascii=False) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Consistency check (used by the tests)
+# ------------------------------------------------------------------------------------------------
+
+def check_ui(ui: dict, api: dict, snapshot: dict) -> list[str]:
+    """Problems of one UI workflow: internal link consistency, and agreement with its API file."""
+    errors: list[str] = []
+    if ui.get("version") != UI_VERSION:
+        errors.append(f"version is {ui.get('version')!r}, expected {UI_VERSION}")
+    nodes = {}
+    for node in ui.get("nodes", []):
+        if node["id"] in nodes:
+            errors.append(f"duplicate node id {node['id']}")
+        nodes[node["id"]] = node
+        for key in ("type", "pos", "size", "inputs", "outputs", "widgets_values", "mode", "order"):
+            if key not in node:
+                errors.append(f"node {node['id']} has no {key!r}")
+    links = {}
+    for link in ui.get("links", []):
+        if len(link) != 6:
+            errors.append(f"link {link} does not have 6 fields")
+            continue
+        if link[0] in links:
+            errors.append(f"duplicate link id {link[0]}")
+        links[link[0]] = link
+    if nodes and ui.get("last_node_id", -1) < max(nodes):
+        errors.append("last_node_id is below the largest node id")
+    if links and ui.get("last_link_id", -1) < max(links):
+        errors.append("last_link_id is below the largest link id")
+
+    for link_id, (_, src, src_slot, dst, dst_slot, link_type) in links.items():
+        if src not in nodes or dst not in nodes:
+            errors.append(f"link {link_id} joins missing node(s) {src}->{dst}")
+            continue
+        outs, ins = nodes[src]["outputs"], nodes[dst]["inputs"]
+        if src_slot >= len(outs) or link_id not in (outs[src_slot].get("links") or []):
+            errors.append(f"link {link_id}: output {src_slot} of node {src} does not list it")
+        elif outs[src_slot]["type"] != link_type:
+            errors.append(f"link {link_id}: type {link_type} but output is {outs[src_slot]['type']}")
+        if dst_slot >= len(ins) or ins[dst_slot].get("link") != link_id:
+            errors.append(f"link {link_id}: input {dst_slot} of node {dst} does not point back to it")
+        elif ins[dst_slot]["type"] not in (link_type, "*"):
+            errors.append(f"link {link_id}: type {link_type} into input of type {ins[dst_slot]['type']}")
+    for node_id, node in nodes.items():
+        for i, inp in enumerate(node["inputs"]):
+            if inp.get("link") is not None and inp["link"] not in links:
+                errors.append(f"node {node_id} input {i} ({inp['name']}) points to missing link {inp['link']}")
+        for out in node["outputs"]:
+            for link_id in out.get("links") or []:
+                if link_id not in links:
+                    errors.append(f"node {node_id} output {out['name']} lists missing link {link_id}")
+
+    # agreement with the API file
+    api_ids = {int(i) for i in api}
+    if set(nodes) != api_ids:
+        errors.append(f"node ids differ from the API file: UI {sorted(nodes)} vs API {sorted(api_ids)}")
+    for node_id_str, api_node in api.items():
+        node = nodes.get(int(node_id_str))
+        if node is None:
+            continue
+        class_type = api_node["class_type"]
+        if node["type"] != class_type:
+            errors.append(f"node {node_id_str}: type {node['type']} vs API {class_type}")
+            continue
+        schema = snapshot.get(class_type)
+        if schema is None:
+            errors.append(f"node {node_id_str}: {class_type} is not in the snapshot")
+            continue
+        try:
+            want = expected_widgets_values(class_type, api_node["inputs"], schema)
+        except ValueError as exc:
+            errors.append(f"node {node_id_str}: {exc}")
+            continue
+        if node["widgets_values"] != want:
+            errors.append(f"node {node_id_str} ({class_type}): widgets_values {node['widgets_values']} "
+                          f"do not match the API file ({want})")
+        for name, value in api_node["inputs"].items():
+            if not is_link(value):
+                continue
+            slot = next((i for i, s in enumerate(node["inputs"]) if s["name"] == name), None)
+            link = links.get(node["inputs"][slot]["link"]) if slot is not None else None
+            if link is None or (link[1], link[2]) != (int(value[0]), value[1]):
+                errors.append(f"node {node_id_str}.{name}: API links {value}, UI has {link}")
+        for i, inp in enumerate(node["inputs"]):
+            if inp.get("link") is not None and inp["name"] not in api_node["inputs"]:
+                errors.append(f"node {node_id_str}.{inp['name']} is linked in the UI but not in the API file")
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def _read_object_info(source: str) -> dict:
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=30) as response:
+            return json.loads(response.read().decode("utf-8"))
+    return json.loads(Path(source).read_text(encoding="utf-8"))
+
+
+def used_types(workflows: dict[str, dict]) -> set[str]:
+    return {node["class_type"] for wf in workflows.values() for node in wf.values()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that the UI files are up to date")
+    parser.add_argument("--object-info", metavar="URL_OR_FILE",
+                        help="refresh tests/comfy_object_info.json from a ComfyUI /object_info first")
+    args = parser.parse_args(argv)
+
+    workflows = api_workflows()
+    if args.object_info:
+        snapshot = normalise_object_info(_read_object_info(args.object_info), used_types(workflows))
+        SNAPSHOT.write_text(json.dumps(snapshot, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {SNAPSHOT.relative_to(REPO)} ({len(snapshot)} node types)")
+    snapshot = load_snapshot()
+    stale = []
+    for name, api in workflows.items():
+        text = dumps(api_to_ui(api, snapshot, name))
+        path = HERE / f"{name}.json"
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(path.name)
+        if not args.check:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote workflows/{path.name}")
+    if args.check and stale:
+        print("out of date (run python workflows/make_ui_workflows.py): " + ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
