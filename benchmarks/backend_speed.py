@@ -75,9 +75,8 @@ def main() -> None:
     pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0,
                       preservation=("male", "female"))
     rows = []
-    for label, denoiser, timesteps_note in (("diffusers backend (peft LoRA)", diffusers_backend, "DDIM timesteps"),
-                                            ("ComfyUI backend (weight wrappers, Train node path)", comfy_backend,
-                                             "k-diffusion sigmas")):
+    for label, denoiser in (("diffusers backend (peft LoRA)", diffusers_backend),
+                            ("ComfyUI backend (weight wrappers, Train node path)", comfy_backend)):
         config = TrainConfig(iterations=args.iterations, resolution=64, rank=4)
         with torch.inference_mode(False):
             train_text_slider(denoiser, [pair], TrainConfig(iterations=3, resolution=64), name="warmup", progress=False)

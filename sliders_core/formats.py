@@ -196,7 +196,7 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
             skipped_te.append(key)
             continue
-        for form, pattern in _PATTERNS:
+        for form, pattern in _PATTERNS:  # noqa: B007 (form is read after the loop breaks)
             match = pattern.match(key)
             if match:
                 break

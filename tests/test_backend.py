@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import random_slider
+
 from sliders_core.backends.diffusers_backend import DiffusersDenoiser, load_diffusers_model
 from sliders_core.errors import SliderError
 from sliders_core.inference import delayed_schedule, generate

@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import pytest
-
 import comfy_support
+import pytest
 
 if comfy_support.comfyui_dir() is None:
     pytest.skip("COMFYUI_DIR not set: the ComfyUI tier needs a ComfyUI checkout (see README)", allow_module_level=True)
@@ -30,7 +29,12 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sliders_core.backends.peft_sliders import PeftSliderHost  # noqa: E402
 from sliders_core.formats import (  # noqa: E402
-    UnetNaming, diffusers_to_ldm, from_state_dict, kohya_stem, ldm_to_diffusers, save_slider,
+    UnetNaming,
+    diffusers_to_ldm,
+    from_state_dict,
+    kohya_stem,
+    ldm_to_diffusers,
+    save_slider,
 )
 from sliders_core.slider_weights import SliderWeights  # noqa: E402
 

@@ -5,10 +5,9 @@ import sys
 import zlib
 from pathlib import Path
 
+import comfy_support
 import pytest
 import torch
-
-import comfy_support
 
 if comfy_support.comfyui_dir() is None:
     pytest.skip("COMFYUI_DIR not set: the ComfyUI tier needs a ComfyUI checkout (see README)", allow_module_level=True)

@@ -3,14 +3,20 @@ import re
 
 import pytest
 import torch
+from conftest import random_slider
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import random_slider
 from sliders_core import formats
 from sliders_core.errors import FamilyMismatchError, SliderError
 from sliders_core.formats import (
-    diffusers_to_ldm, kohya_stem, ldm_to_diffusers, load_slider, read_state_dict, safe_output_path, save_slider,
+    diffusers_to_ldm,
+    kohya_stem,
+    ldm_to_diffusers,
+    load_slider,
+    read_state_dict,
+    safe_output_path,
+    save_slider,
 )
 
 SD15_UNET = {  # the real SD1.5 layout (config values only, no weights)

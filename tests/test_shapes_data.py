@@ -4,9 +4,22 @@ import math
 import numpy as np
 import pytest
 
-from sliders_core.shapes import (COLORS, SHAPES, SIZE_AREA, SIZES, ShapeSpec, attribute_accuracy,
-                                 caption_attributes, caption_vocabulary, make_dataset, measure,
-                                 measure_batch, random_specs, render, render_batch)
+from sliders_core.shapes import (
+    COLORS,
+    SHAPES,
+    SIZE_AREA,
+    SIZES,
+    ShapeSpec,
+    attribute_accuracy,
+    caption_attributes,
+    caption_vocabulary,
+    make_dataset,
+    measure,
+    measure_batch,
+    random_specs,
+    render,
+    render_batch,
+)
 
 RES = 32
 TINTED = (0.15, 0.15, 0.25)  # grey-blue, like the backgrounds a model paints

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import random_slider
+
 from sliders_core.config import TrainConfig
 from sliders_core.errors import TrainingDivergedError
 from sliders_core.formats import load_slider

@@ -12,15 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     SchedulerMixin,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from tqdm.auto import tqdm
 
 from ..denoiser import Cond, SliderSchedule, Trajectory
 from ..errors import SliderError
@@ -214,7 +213,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
         extra["vae"] = None  # pixel-space model (e.g. the shapes model): diffusers needs it passed explicitly
     try:
         return cls.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype), **extra)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise SliderError(f"{path}: could not load the model offline ({exc})") from exc
 
 

@@ -14,6 +14,7 @@ from ..config import classify_unet_module
 from ..errors import SliderError
 from ..slider_weights import LoraModule, SliderWeights
 
+
 class PeftSliderHost:
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet

@@ -1,0 +1,692 @@
+"""Example workflows, and the pack inside a real, running ComfyUI server.
+
+Two tiers in this file:
+
+* Pure (always run, no ComfyUI): every UI-format workflow in ``workflows/`` is internally consistent
+  (links ↔ inputs/outputs), agrees with its API-format twin (node types, links, widget values in the
+  frontend's order), and is exactly what ``workflows/make_ui_workflows.py`` generates from the API file
+  and the node-schema snapshot ``tests/comfy_object_info.json``.
+
+* Live (needs ``COMFYUI_DIR`` and ComfyUI's dependencies in this interpreter; skipped otherwise):
+  a module-scoped fixture writes a tiny random-weight checkpoint that ComfyUI's CheckpointLoaderSimple
+  detects as SD1.5 (UNet with model_channels 320 / context 768 but one level, one res block, one
+  transformer block; a full-size CLIP-L key set whose transformer layers are zero, i.e. identity;
+  a TAESD VAE), starts ``main.py --cpu`` on 127.0.0.1 with ``--base-directory`` in a temp folder
+  whose ``custom_nodes/`` holds a symlink to this repository, and talks to it over HTTP only
+  (/object_info, /prompt, /history, /queue, /interrupt). The server's stdout/stderr go to a file
+  that the tests grep. The server is stopped at the end.
+
+Run:  COMFYUI_DIR=/path/to/ComfyUI OMP_NUM_THREADS=1 /path/to/comfy-venv/bin/python -m pytest tests/test_comfy_live.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+PACK_NODE_IDS = ("ConceptSlidersTrainText", "ConceptSlidersLoad", "ConceptSlidersApply", "ConceptSlidersStack",
+                 "ConceptSlidersDelayedSampler", "ConceptSlidersSweep")
+DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_ui_workflows", WORKFLOWS / "make_ui_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+API_WORKFLOWS = gen.api_workflows(WORKFLOWS)
+WORKFLOW_NAMES = sorted(API_WORKFLOWS)
+
+
+# =================================================================================================
+# Pure tier: workflow files
+# =================================================================================================
+
+def test_every_api_workflow_has_a_ui_twin():
+    assert WORKFLOW_NAMES, "no workflows/*.api.json found"
+    ui_files = {p.name[:-len(".json")] for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")}
+    assert ui_files == set(WORKFLOW_NAMES), f"UI files {sorted(ui_files)} vs API files {WORKFLOW_NAMES}"
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_ui_workflow_is_consistent_with_its_api_file(name):
+    snapshot = gen.load_snapshot()
+    api = API_WORKFLOWS[name]
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    errors = gen.check_ui(ui, api, snapshot)
+    assert not errors, "\n".join(errors)
+    regenerated = gen.dumps(gen.api_to_ui(api, snapshot, name))
+    assert (WORKFLOWS / f"{name}.json").read_text(encoding="utf-8") == regenerated, (
+        f"workflows/{name}.json is out of date: run python workflows/make_ui_workflows.py")
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_uses_core_and_pack_nodes_only(name):
+    snapshot = gen.load_snapshot()
+    api = API_WORKFLOWS[name]
+    for node_id, node in api.items():
+        class_type = node["class_type"]
+        module = snapshot[class_type]["python_module"]
+        ours = class_type.startswith("ConceptSliders") and module == "custom_nodes"
+        core = module == "nodes" or module.startswith("comfy_extras.")
+        assert ours or core, f"node {node_id}: {class_type} ({module}) is neither core nor ours"
+        for name_, value in node["inputs"].items():  # combos hold valid (static) options
+            spec = next(s for s in snapshot[class_type]["inputs"] if s["name"] == name_)
+            if spec["type"] == "COMBO" and spec.get("options") and not gen.is_link(value):
+                assert value in spec["options"], f"node {node_id}.{name_}: {value!r} is not an option"
+    ckpts = [n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert ckpts and all(c == DEFAULT_CKPT for c in ckpts), ckpts
+
+
+def test_check_ui_catches_broken_links_and_widget_drift():
+    snapshot = gen.load_snapshot()
+    name = WORKFLOW_NAMES[0]
+    api = API_WORKFLOWS[name]
+    ui = gen.api_to_ui(api, snapshot, name)
+    assert gen.check_ui(ui, api, snapshot) == []
+    broken = copy.deepcopy(ui)
+    broken["links"][0][4] += 1  # wrong target slot
+    assert any("does not point back" in e for e in gen.check_ui(broken, api, snapshot))
+    drift = copy.deepcopy(api)
+    node_id = next(i for i, n in drift.items() if n["class_type"] == "EmptyLatentImage")
+    drift[node_id]["inputs"]["width"] = 768
+    assert any("widgets_values" in e for e in gen.check_ui(ui, drift, snapshot))
+
+
+# =================================================================================================
+# Live tier: a real ComfyUI server
+# =================================================================================================
+
+def _comfyui_dir() -> Path | None:
+    value = os.environ.get("COMFYUI_DIR", "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+_COMFY_DIR = _comfyui_dir()
+live = pytest.mark.skipif(
+    _COMFY_DIR is None,
+    reason="live ComfyUI tier: COMFYUI_DIR is not set (point it at a ComfyUI checkout whose requirements are "
+           "installed in this interpreter)")
+
+CKPT_VERSION = "tiny-sd15-v1"  # bump when the checkpoint recipe below changes (invalidates the cache)
+CKPT_NAME = "tiny-sd15.safetensors"
+START_TIMEOUT = 150.0
+RUN_TIMEOUT = 120.0
+LOG_NOT_LOADED = "lora key not loaded"
+
+# One level, one res block, one transformer block: SD1.5-detectable (model_channels 320, context 768,
+# conv proj_in, no adm) and about 24 M parameters.
+TINY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [1], "transformer_depth": [1], "channel_mult": [1], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "transformer_depth_output": [1, 1],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TOKEN_ROWS = 16384  # random token embeddings for the common vocabulary, zeros (sparse) above
+
+
+def _write_sparse_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    """safetensors writer that leaves all-zero 1 MiB runs as file holes (the zero CLIP layers cost no disk)."""
+    import numpy as np
+
+    names = {np.dtype("float16"): "F16", np.dtype("float32"): "F32"}
+    header, blobs, offset = {"__metadata__": metadata}, [], 0
+    for name in sorted(tensors):
+        array = tensors[name].detach().cpu().contiguous().numpy()
+        data = array.tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    chunk = 1 << 20
+    zeros = bytes(chunk)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for data in blobs:
+            for i in range(0, len(data), chunk):
+                part = data[i:i + chunk]
+                if part == zeros[:len(part)]:
+                    f.seek(len(part), os.SEEK_CUR)
+                else:
+                    f.write(part)
+        f.truncate(f.tell())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _build_tiny_sd15_checkpoint(path: Path) -> None:
+    """A checkpoint in the original SD layout (model.diffusion_model., cond_stage_model.transformer.,
+    first_stage_model.) that CheckpointLoaderSimple loads as SD15 with no missing CLIP/VAE keys."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import comfy_support
+
+    comfy_support.import_comfy()
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    tensors = {}
+    model = comfy.supported_models.SD15(dict(TINY_UNET_CONFIG, dtype=torch.float32)).get_model({})
+    comfy_support.init_weights_(model.diffusion_model, seed=0)
+    for key, value in model.diffusion_model.state_dict().items():
+        tensors[f"model.diffusion_model.{key}"] = value.half()
+    del model
+
+    config_path = Path(comfy.clip_model.__file__).with_name("sd1_clip_config.json")
+    config = json.loads(config_path.read_text())
+    with torch.device("meta"):  # shapes only
+        clip = comfy.clip_model.CLIPTextModel(config, torch.float16, "meta", comfy.ops.manual_cast)
+    gen_ = torch.Generator().manual_seed(1)
+    for key, value in clip.state_dict().items():
+        if key.endswith("token_embedding.weight"):
+            t = torch.zeros(value.shape)
+            t[:TOKEN_ROWS] = torch.randn(TOKEN_ROWS, value.shape[1], generator=gen_)
+            t[-2:] = torch.randn(2, value.shape[1], generator=gen_)  # start / end tokens
+        elif key.endswith("position_embedding.weight"):
+            t = torch.randn(value.shape, generator=gen_) * 0.1
+        elif key.startswith("text_model.final_layer_norm."):
+            t = torch.ones(value.shape) if key.endswith("weight") else torch.zeros(value.shape)
+        elif key == "text_projection.weight":
+            t = torch.eye(value.shape[0])
+        else:  # zero attention/MLP/norm weights: every layer is the identity (residual only)
+            t = torch.zeros(value.shape)
+        tensors[f"cond_stage_model.transformer.{key}"] = t.half()
+
+    taesd = comfy.taesd.taesd.TAESD()  # VAE(sd) picks TAESD from "taesd_decoder.1.weight"
+    comfy_support.init_weights_(taesd, seed=2)
+    for key, value in taesd.state_dict().items():
+        tensors[f"first_stage_model.{key}"] = value.half()
+    tensors["first_stage_model.vae_scale"] = torch.tensor(0.18215).half()  # as VAELoader sets for SD1 TAESD
+    tensors["first_stage_model.vae_shift"] = torch.tensor(0.0).half()
+    _write_sparse_safetensors(path, tensors, {"format": "pt", "note": "random weights, for tests only"})
+
+
+def _cached_checkpoint() -> Path:
+    cache = Path(tempfile.gettempdir()) / "concept-sliders-live-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{CKPT_VERSION}.safetensors"
+    if not path.is_file():
+        tmp = cache / f".{CKPT_VERSION}.{os.getpid()}.tmp"
+        try:
+            _build_tiny_sd15_checkpoint(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A ComfyUI process on 127.0.0.1 and a few HTTP helpers (stdlib only)."""
+
+    def __init__(self, base: Path, port: int, process: subprocess.Popen, log_path: Path):
+        self.base, self.port, self.process, self.log_path = base, port, process, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.loras = base / "models" / "loras"
+        self.sliders = self.loras / "sliders"
+        self.output = base / "output"
+
+    # -- HTTP --------------------------------------------------------------------------------------
+    def request(self, path: str, payload=None, timeout: float = 30.0):
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        req = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                body = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        try:
+            return status, json.loads(body.decode("utf-8")) if body else None
+        except ValueError:
+            return status, body.decode("utf-8", "replace")
+
+    def get(self, path: str, timeout: float = 30.0):
+        status, body = self.request(path, timeout=timeout)
+        assert status == 200, f"GET {path} -> {status}: {body}"
+        return body
+
+    def alive(self) -> bool:
+        if self.process.poll() is not None:
+            return False
+        try:
+            status, body = self.request("/object_info/KSampler", timeout=15)
+        except OSError:
+            return False
+        return status == 200 and "KSampler" in body
+
+    def queue(self, prompt: dict):
+        """POST /prompt → (HTTP status, JSON answer)."""
+        return self.request("/prompt", {"prompt": prompt, "client_id": "concept-sliders-live-tests"})
+
+    def submit(self, prompt: dict) -> str:
+        status, body = self.queue(prompt)
+        assert status == 200, f"/prompt refused the graph ({status}): {json.dumps(body, indent=1)[:3000]}"
+        assert not body.get("node_errors"), body["node_errors"]
+        return body["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.get(f"/history/{prompt_id}").get(prompt_id)
+
+    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.history(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            assert self.process.poll() is None, f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}"
+            time.sleep(0.2)
+        self.request("/interrupt", {})
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f}s\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT) -> dict:
+        return self.wait(self.submit(prompt), timeout)
+
+    # -- log ---------------------------------------------------------------------------------------
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # ComfyUI's own Ctrl-C path
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+def messages(entry: dict, kind: str) -> list[dict]:
+    return [m[1] for m in entry["status"]["messages"] if m[0] == kind]
+
+
+def assert_success(entry: dict) -> None:
+    errors = messages(entry, "execution_error")
+    assert entry["status"]["status_str"] == "success" and not errors, json.dumps(errors, indent=1)[:4000]
+
+
+def execution_error(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    errors = messages(entry, "execution_error")
+    assert len(errors) == 1, entry["status"]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if _COMFY_DIR is None:
+        pytest.skip("COMFYUI_DIR is not set")
+    if not (_COMFY_DIR / "main.py").is_file() or not (_COMFY_DIR / "comfy" / "model_patcher.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={_COMFY_DIR} is not a ComfyUI checkout (no main.py / comfy/)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import comfy_support
+
+    try:
+        comfy_support.import_comfy()  # ComfyUI's dependencies must import in this interpreter
+    except comfy_support.ComfyUnavailable as exc:
+        pytest.skip(f"live ComfyUI tier: {exc}")
+
+    ckpt = _cached_checkpoint()
+    base = tmp_path_factory.mktemp("comfy_live")
+    for sub in ("models/checkpoints", "models/loras/sliders", "output", "input", "user", "temp", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "models" / "checkpoints" / CKPT_NAME).symlink_to(ckpt)
+    (base / "custom_nodes" / "comfyui-concept-sliders").symlink_to(REPO, target_is_directory=True)
+
+    port = _free_port()
+    log_path = base / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(_COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, cwd=str(_COMFY_DIR), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    srv = ComfyServer(base, port, process, log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited during start-up ({process.returncode}):\n{srv.log_tail()}")
+            try:
+                status, _ = srv.request("/object_info/KSampler", timeout=5)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not answer /object_info within {START_TIMEOUT:.0f}s:\n{srv.log_tail()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def shrink(api: dict, tag: str) -> dict:
+    """A workflow made fast: the test checkpoint, 64 px, 3 sampling steps, 2 training iterations."""
+    prompt = copy.deepcopy(api)
+    for node_id, node in prompt.items():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CKPT_NAME
+        elif kind == "ConceptSlidersTrainText":
+            inputs.update(iterations=2, resolution=64, save_every=0, slider_name=f"live_{tag}_{node_id}")
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=1)
+        elif kind == "SaveImage":
+            inputs["filename_prefix"] = f"live/{tag}/{node_id}"
+        if "steps" in inputs and not gen.is_link(inputs["steps"]):
+            inputs["steps"] = 3
+        if "start_step" in inputs and not gen.is_link(inputs["start_step"]):
+            inputs["start_step"] = min(inputs["start_step"], 1)
+    return prompt
+
+
+def train_prompt(name: str, *, iterations: int = 3, lr: float = 0.05, save_every: int = 0) -> dict:
+    """Checkpoint → Train Text Slider → loss plot saved; lr is large so that 3 steps make a visible slider."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+        "2": {"class_type": "ConceptSlidersTrainText", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "target": "a photo of a person",
+            "positive": "a photo of a person, old", "negative": "a photo of a person, young",
+            "preservation": "male\nfemale", "action": "enhance", "eta": 2.0, "rank": 4, "alpha": 1.0,
+            "layers": "noxattn", "iterations": iterations, "lr": lr, "resolution": 64, "seed": 0,
+            "slider_name": name, "save_every": save_every, "resume_from": "none"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 1], "filename_prefix": f"live/loss_{name}"}},
+    }
+
+
+def sampling_nodes(model_ref, prefix: str, first_id: int = 100, steps: int = 3, clip_ref=("1", 1)) -> dict:
+    """CLIPTextEncode ×2 + EmptyLatentImage + KSampler(model_ref) + VAEDecode + SaveImage, ids from first_id."""
+    i, clip_ref = first_id, list(clip_ref)
+    return {
+        str(i): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "a photo of a person"}},
+        str(i + 1): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "blurry"}},
+        str(i + 2): {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        str(i + 3): {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "seed": 0, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": [str(i), 0], "negative": [str(i + 1), 0],
+            "latent_image": [str(i + 2), 0], "denoise": 1.0}},
+        str(i + 4): {"class_type": "VAEDecode", "inputs": {"samples": [str(i + 3), 0], "vae": ["1", 2]}},
+        str(i + 5): {"class_type": "SaveImage", "inputs": {"images": [str(i + 4), 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_images(srv: ComfyServer, entry: dict, node_id: str) -> list[Path]:
+    images = entry["outputs"].get(node_id, {}).get("images", [])
+    assert images, f"node {node_id} saved no image: {entry['outputs']}"
+    paths = []
+    for image in images:
+        assert image["type"] == "output"
+        path = srv.output / image["subfolder"] / image["filename"]
+        assert path.is_file() and path.stat().st_size > 0, path
+        paths.append(path)
+    return paths
+
+
+def pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def base_slider(server) -> Path:
+    """One slider trained by the Train node (in loras/sliders), copied to every slider file the example
+    workflows load, so that they run as shipped."""
+    entry = server.run(train_prompt("live_base"))
+    assert_success(entry)
+    saved_images(server, entry, "3")
+    path = server.sliders / "live_base.safetensors"
+    assert path.is_file(), sorted(p.name for p in server.sliders.iterdir())
+    for api in API_WORKFLOWS.values():
+        for node in api.values():
+            if node["class_type"] == "ConceptSlidersLoad":
+                target = server.loras / node["inputs"]["slider_name"]
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# a. schemas
+# ---------------------------------------------------------------------------------------------
+
+@live
+def test_object_info_lists_the_pack_with_tooltips_and_categories(server):
+    info = server.get("/object_info")
+    missing = [n for n in PACK_NODE_IDS if n not in info]
+    assert not missing, f"not registered: {missing}\n{server.log_tail()}"
+    for node_id in PACK_NODE_IDS:
+        node = info[node_id]
+        assert node["category"].split("/")[0] == "sliders", (node_id, node["category"])
+        assert node.get("description"), node_id
+        for section in ("required", "optional"):
+            for name, spec in (node["input"].get(section) or {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(node.get("output_tooltips") or []) == len(node["output"]), node_id
+    # the snapshot the UI workflows are generated from still matches this ComfyUI and this pack
+    snapshot = gen.load_snapshot()
+    live_schemas = gen.normalise_object_info(info, snapshot)
+    if live_schemas != snapshot:
+        fresh = server.base / "comfy_object_info.json"
+        fresh.write_text(json.dumps(live_schemas, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+        changed = sorted(t for t in snapshot if live_schemas[t] != snapshot[t])
+        pytest.fail(f"tests/comfy_object_info.json is stale for {changed}; live version written to {fresh}. "
+                    "Refresh it with: python workflows/make_ui_workflows.py --object-info <URL>/object_info")
+
+
+@live
+def test_ui_workflows_are_served_as_templates(server):
+    templates = server.get("/workflow_templates")
+    listed = set(templates.get("comfyui-concept-sliders", []))
+    assert set(WORKFLOW_NAMES) <= listed, templates
+    for name in WORKFLOW_NAMES:
+        body = server.get(f"/api/workflow_templates/comfyui-concept-sliders/{name}.json")
+        assert body["version"] == gen.UI_VERSION and body["nodes"], name
+
+
+# ---------------------------------------------------------------------------------------------
+# b. example workflows
+# ---------------------------------------------------------------------------------------------
+
+@live
+def test_tiny_checkpoint_loads_cleanly(server, base_slider):
+    log = server.log_since(0)
+    for bad in ("clip missing", "Missing VAE keys", "no CLIP/text encoder weights", "not a checkpoint file"):
+        assert bad not in log, f"{bad!r} in the server log:\n{server.log_tail()}"
+
+
+@live
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_example_workflow_runs(server, base_slider, name):
+    prompt = shrink(API_WORKFLOWS[name], name)
+    started = time.monotonic()
+    entry = server.run(prompt)
+    assert_success(entry)
+    saves = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    assert saves
+    images = {i: saved_images(server, entry, i) for i in saves}
+    for node_id, paths in images.items():
+        upstream = prompt[prompt[node_id]["inputs"]["images"][0]]["class_type"]
+        if upstream == "VAEDecode":
+            assert pixels(paths[0]).shape == (64, 64, 3), (node_id, pixels(paths[0]).shape)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "ConceptSlidersTrainText":
+            assert (server.sliders / f"{node['inputs']['slider_name']}.safetensors").is_file()
+        if node["class_type"] == "ConceptSlidersSweep":
+            grid_node = next(i for i in saves if prompt[i]["inputs"]["images"][0] == node_id)
+            h, w, _ = pixels(images[grid_node][0]).shape
+            n_alphas = len([a for a in node["inputs"]["alphas"].split(",") if a.strip()])
+            assert w >= n_alphas * 64 and h >= 64, (w, h)
+    if name == "compose_three_sliders":  # chained Apply ×3 and Slider Stack build the same model
+        chain = pixels(images["16"][0])
+        stack = pixels(images["17"][0])
+        assert (chain == stack).all(), f"max |chain - stack| = {abs(chain - stack).max()}"
+    if name == "delayed_vs_plain":  # switching the slider on later must change the picture
+        assert (pixels(images["11"][0]) != pixels(images["12"][0])).any()
+    print(f"{name}: {time.monotonic() - started:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# c. a trained slider in the stock LoraLoader
+# ---------------------------------------------------------------------------------------------
+
+@live
+def test_trained_slider_loads_in_stock_loraloader(server, base_slider):
+    lora_name = "sliders/live_base.safetensors"
+    listed = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert lora_name in listed, listed
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                           "strength_model": 1.0, "strength_clip": 1.0}},
+              "3": {"class_type": "ConceptSlidersLoad", "inputs": {"slider_name": lora_name}},
+              "4": {"class_type": "ConceptSlidersApply", "inputs": {"model": ["1", 0], "slider": ["3", 0],
+                                                                    "alpha": 1.0}}}
+    prompt.update(sampling_nodes(["2", 0], "live/lora_stock", first_id=10, clip_ref=("2", 1)))
+    prompt.update(sampling_nodes(["4", 0], "live/lora_ours", first_id=20))
+    prompt.update(sampling_nodes(["1", 0], "live/lora_base", first_id=30))
+    offset = server.log_size()
+    entry = server.run(prompt)
+    assert_success(entry)
+    time.sleep(0.3)  # let the log catch up
+    log = server.log_since(offset)
+    assert LOG_NOT_LOADED not in log, log
+    assert "ERROR lora" not in log, log
+    stock, ours, base = (pixels(saved_images(server, entry, i)[0]) for i in ("15", "25", "35"))
+    assert (stock == ours).all(), f"LoraLoader vs Apply Slider α=1: max diff {abs(stock - ours).max()}"
+    assert (stock != base).any(), "the slider changed nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# d. bad input: clear errors, the server keeps running
+# ---------------------------------------------------------------------------------------------
+
+@live
+def test_bad_slider_name_is_refused(server):
+    prompt = train_prompt("../evil", iterations=1)
+    error = execution_error(server.run(prompt))
+    assert error["node_type"] == "ConceptSlidersTrainText"
+    assert "../evil" in error["exception_message"] and "plain file name" in error["exception_message"], error
+    assert not list(server.base.rglob("evil*")), list(server.base.rglob("evil*"))
+    assert server.alive()
+
+
+@live
+def test_start_step_beyond_steps_is_refused(server, base_slider):
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "2": {"class_type": "ConceptSlidersLoad", "inputs": {"slider_name": "sliders/live_base.safetensors"}}}
+    prompt.update(sampling_nodes(["1", 0], "live/bad_start", first_id=10))
+    prompt["13"] = {"class_type": "ConceptSlidersDelayedSampler", "inputs": {
+        "model": ["1", 0], "slider": ["2", 0], "alpha": 1.0, "start_step": 40, "seed": 0, "steps": 3, "cfg": 7.0,
+        "sampler_name": "euler", "scheduler": "normal", "positive": ["10", 0], "negative": ["11", 0],
+        "latent_image": ["12", 0], "denoise": 1.0, "alpha_schedule": ""}}
+    error = execution_error(server.run(prompt))
+    assert error["node_type"] == "ConceptSlidersDelayedSampler"
+    assert "start_step 40" in error["exception_message"] and "3" in error["exception_message"], error
+    assert server.alive()
+
+
+@live
+@pytest.mark.parametrize("alpha,kind", [(50.0, "value_bigger_than_max"), (-25.0, "value_smaller_than_min")])
+def test_alpha_outside_the_widget_range_fails_validation(server, base_slider, alpha, kind):
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "2": {"class_type": "ConceptSlidersLoad", "inputs": {"slider_name": "sliders/live_base.safetensors"}},
+              "3": {"class_type": "ConceptSlidersApply", "inputs": {"model": ["1", 0], "slider": ["2", 0],
+                                                                    "alpha": alpha}}}
+    prompt.update(sampling_nodes(["3", 0], "live/bad_alpha", first_id=10))
+    status, body = server.queue(prompt)
+    assert status == 400, (status, body)
+    errors = body["node_errors"]["3"]["errors"]
+    assert errors[0]["type"] == kind and errors[0]["extra_info"]["input_name"] == "alpha", errors
+    assert "20" in errors[0]["message"], errors  # names the limit
+    assert server.alive()
+
+
+@live
+def test_corrupt_slider_file_gives_a_clear_error(server):
+    (server.sliders / "corrupt.safetensors").write_bytes(os.urandom(64) + b"not a safetensors file" * 50)
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "2": {"class_type": "ConceptSlidersLoad", "inputs": {"slider_name": "sliders/corrupt.safetensors"}},
+              "3": {"class_type": "ConceptSlidersApply", "inputs": {"model": ["1", 0], "slider": ["2", 0],
+                                                                    "alpha": 1.0}}}
+    prompt.update(sampling_nodes(["3", 0], "live/corrupt", first_id=10))
+    error = execution_error(server.run(prompt))
+    assert error["node_type"] == "ConceptSlidersLoad"
+    message = error["exception_message"]
+    assert "corrupt.safetensors" in message and "corrupt" in message.replace("corrupt.safetensors", ""), message
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# e. cancel
+# ---------------------------------------------------------------------------------------------
+
+@live
+def test_interrupt_stops_training_and_leaves_no_file(server):
+    name = "live_cancel"
+    target = server.sliders / f"{name}.safetensors"
+    prompt_id = server.submit(train_prompt(name, iterations=100000, lr=2e-4, save_every=1))
+    deadline = time.monotonic() + 90
+    while not target.exists():  # save_every=1: the first checkpoint shows the loop is running
+        assert time.monotonic() < deadline, f"training did not start:\n{server.log_tail()}"
+        entry = server.history(prompt_id)
+        assert entry is None, f"training ended before it was interrupted: {entry and entry['status']}"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    status, _ = server.request("/interrupt", {})
+    assert status == 200
+    entry = server.wait(prompt_id, timeout=30)
+    took = time.monotonic() - sent
+    assert messages(entry, "execution_interrupted"), entry["status"]
+    assert not messages(entry, "execution_error"), entry["status"]
+    assert took < 15, f"the interrupt took {took:.1f}s"
+    leftovers = [p.name for p in server.sliders.iterdir() if name in p.name]
+    assert not leftovers, leftovers
+    assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
+    assert server.alive()
