@@ -119,6 +119,8 @@ def train_text_slider(
 
     empty = denoiser.encode([""])
     encoded = [encode_pair(denoiser, pair, config.eta) for pair in pairs]
+    if hasattr(denoiser, "offload_text_encoders"):
+        denoiser.offload_text_encoders()  # every prompt is encoded: free accelerator memory for the UNet
 
     def metadata(steps: int) -> dict[str, str]:
         return slider_metadata(denoiser.family, pairs, config, steps, resolution, batch,

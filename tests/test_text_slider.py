@@ -205,3 +205,17 @@ def test_forward_budget_per_iteration(sd1):
     result = train_text_slider(sd1, [pair], config, progress=False)
     # 3 frozen + 1 LoRA + a 30-step CFG trajectory amortised over 20 iterations = 7
     assert result.unet_samples_per_iteration <= 8
+
+
+def test_reference_style_list_of_pairs_round_robins_with_own_eta(sd1, monkeypatch):
+    male = PromptPair(target="male person", positive="male person, old", negative="male person, young", eta=1.0)
+    female = PromptPair(target="female person", positive="female person, old", negative="female person, young",
+                        eta=3.0)
+    seen = []
+    real_encode = sd1.encode
+    monkeypatch.setattr(sd1, "encode", lambda prompts: seen.append(list(prompts)) or real_encode(prompts))
+    result = train_text_slider(sd1, [male, female], quick_config(iterations=4), progress=False)
+    assert json.loads(result.weights.metadata["sliders.eta"]) == [1.0, 3.0]
+    assert [p["target"] for p in json.loads(result.weights.metadata["sliders.prompts"])] == ["male person",
+                                                                                           "female person"]
+    assert ["female person, old"] in [s[1:2] for s in seen]

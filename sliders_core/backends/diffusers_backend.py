@@ -76,12 +76,22 @@ class DiffusersDenoiser:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Cond:
         prompts = list(prompts)
+        device = self.pipe.text_encoder.device  # may be offloaded (see offload_text_encoders)
         if self.is_xl:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-            return Cond({"context": embeds, "text_embeds": pooled})
-        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
-        return Cond({"context": embeds})
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return Cond({"context": embeds.to(self.device), "text_embeds": pooled.to(self.device)})
+        embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+        return Cond({"context": embeds.to(self.device)})
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU once training has encoded its prompts (the reference kept
+        SDXL's two encoders on the GPU for the whole run). encode() still works, on the CPU."""
+        for encoder in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if encoder is not None:
+                encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- model ----------------------------------------------------------------------------------
     def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
