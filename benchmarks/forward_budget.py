@@ -35,10 +35,14 @@ PRESERVED = PromptPair(target="a person", positive="a person, old", negative="a 
                        preservation=("male", "female", "child"))
 
 
-def reference_loop(denoiser: DiffusersDenoiser, pair: PromptPair, iterations: int, resolution: int, seed: int):
+def reference_loop(denoiser: DiffusersDenoiser, pair: PromptPair, iterations: int, resolution: int, seed: int, *,
+                   name: str = "ref", lr: float = 2e-4, seconds: float | None = None, keep: bool = False):
+    """Returns (UNet forwards / iteration, seconds / iteration, iterations run). With `seconds`, stops
+    at that wall-time budget; with `keep`, the trained slider stays attached under `name`."""
     host = denoiser.sliders
-    host.add("ref", modules=slider_modules(denoiser, "noxattn"), rank=4, alpha=1.0, trainable=True)
-    optimizer = torch.optim.AdamW(host.parameters("ref"), lr=2e-4)
+    torch.manual_seed(seed)
+    host.add(name, modules=slider_modules(denoiser, "noxattn"), rank=4, alpha=1.0, trainable=True)
+    optimizer = torch.optim.AdamW(host.parameters(name), lr=lr)
     c_t, c_pos, c_neg = (denoiser.encode([p]) for p in (pair.target, pair.positive, pair.negative))
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     start, before = time.perf_counter(), denoiser.forward_count
@@ -47,11 +51,13 @@ def reference_loop(denoiser: DiffusersDenoiser, pair: PromptPair, iterations: in
         out_u, out_c = denoiser.predict(torch.cat([x, x]), t.expand(2), Cond.cat([c_neg, cond])).chunk(2)
         return out_u + guidance * (out_c - out_u)
 
-    for _ in range(iterations):
+    done = 0
+    while done < iterations and (seconds is None or time.perf_counter() - start < seconds):
+        done += 1
         scheduler = denoiser.new_scheduler(50)
         k = rng.randint(1, 49)
         x = denoiser.initial_noise(1, resolution, gen) * scheduler.init_noise_sigma
-        host.set_scales({"ref": 1.0})
+        host.set_scales({name: 1.0})
         with torch.no_grad():
             for t in scheduler.timesteps[:k]:
                 x = scheduler.step(cfg_call(x, t, c_t, 3.0), t, x).prev_sample
@@ -66,8 +72,9 @@ def reference_loop(denoiser: DiffusersDenoiser, pair: PromptPair, iterations: in
         loss.backward()
         optimizer.step()
     host.set_scales({})
-    host.remove("ref")
-    return (denoiser.forward_count - before) / iterations, (time.perf_counter() - start) / iterations
+    if not keep:
+        host.remove(name)
+    return (denoiser.forward_count - before) / done, (time.perf_counter() - start) / done, done
 
 
 def ours(denoiser: DiffusersDenoiser, pair: PromptPair, iterations: int, resolution: int, seed: int):
@@ -90,7 +97,7 @@ def main() -> None:
     reference_loop(denoiser, PAIR, 3, args.resolution, 99)
 
     rows = [
-        ("reference-structured loop", *reference_loop(denoiser, PAIR, args.iterations, args.resolution, 0)),
+        ("reference-structured loop", *reference_loop(denoiser, PAIR, args.iterations, args.resolution, 0)[:2]),
         ("ours (defaults: 30-step trajectory reused 20×)", *ours(denoiser, PAIR, args.iterations, args.resolution, 0)),
         ("ours + 3 preservation prompts (summed)", *ours(denoiser, PRESERVED, args.iterations, args.resolution, 0)),
     ]

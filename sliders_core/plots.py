@@ -37,3 +37,44 @@ def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256, smoo
     draw.text((left, height - 18), f"loss (log): first {values[0]:.3g}, last {values[-1]:.3g}, "
               f"{len(values)} steps", fill="black")
     return image
+
+
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, x_label: str,
+              y_label: str, width: int = 640, height: int = 400) -> Image.Image:
+    """A few labelled lines on linear axes (benchmark figures without a plotting dependency)."""
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = [x for xs_, _ in series.values() for x in xs_]
+    ys = [y for _, ys_ in series.values() for y in ys_ if math.isfinite(y)]
+    if not xs or not ys:
+        draw.text((10, 10), "no data", fill="black")
+        return image
+    x_low, x_high = min(xs), max(xs)
+    y_low, y_high = min(ys), max(ys)
+    y_pad = (y_high - y_low) * 0.05 or 0.5
+    y_low, y_high = y_low - y_pad, y_high + y_pad
+    left, top, right, bottom = 60, 30, width - 170, height - 40
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        px = left + (right - left) * (x - x_low) / ((x_high - x_low) or 1)
+        py = bottom - (bottom - top) * (y - y_low) / (y_high - y_low)
+        return px, py
+
+    draw.rectangle((left, top, right, bottom), outline="grey")
+    draw.text((left, 8), title, fill="black")
+    draw.text((left, height - 20), x_label, fill="black")
+    draw.text((4, top - 16), y_label, fill="black")
+    for value in (y_low + y_pad, (y_low + y_high) / 2, y_high - y_pad):
+        draw.text((4, point(x_low, value)[1] - 6), f"{value:.3g}", fill="black")
+    for x in sorted(set(xs)):
+        draw.text((point(x, y_low)[0] - 6, bottom + 4), f"{x:g}", fill="black")
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        colour = palette[i % len(palette)]
+        points = [point(x, y) for x, y in zip(sx, sy) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+        draw.text((right + 10, top + 16 * i), name, fill=colour)
+    return image

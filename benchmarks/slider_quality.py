@@ -1,0 +1,174 @@
+"""Slider quality on the shapes world: efficacy, preservation, disentanglement, composition, delay.
+
+Every attribute is measured exactly from pixels (sliders_core.shapes.metrics), with fixed seeds and
+the same noise at every α. Sliders trained here (eq. 8, our loop):
+- size     : c_t "a circle", c± "a large/small {p} circle", p over the 4 colours (η split over them)
+- size-abl : the same without preservation prompts (the paper's disentanglement ablation)
+- colour   : c_t "a circle", c± "a {p} red/blue circle", p over the 3 sizes
+- size-ref : the size objective without preservation trained by a reference-structured loop
+             (benchmarks/forward_budget.py) for the same wall time as `size-abl`
+
+    python benchmarks/slider_quality.py [--iterations 300] [--seeds 48] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from forward_budget import reference_loop  # noqa: E402
+
+from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
+from sliders_core.config import TrainConfig  # noqa: E402
+from sliders_core.inference import generate  # noqa: E402
+from sliders_core.plots import line_plot  # noqa: E402
+from sliders_core.prompts import PromptPair  # noqa: E402
+from sliders_core.shapes.data import COLORS, SIZES  # noqa: E402
+from sliders_core.shapes.metrics import measure_batch  # noqa: E402
+from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
+from sliders_core.text_slider import train_text_slider  # noqa: E402
+
+ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+ETA = 2.0
+EVAL_PROMPT = "a circle"
+SLIDERS = {
+    "size": PromptPair(target="a circle", positive="a large {p} circle", negative="a small {p} circle",
+                       eta=ETA / len(COLORS), preservation=COLORS),
+    "size-abl": PromptPair(target="a circle", positive="a large circle", negative="a small circle", eta=ETA),
+    "colour": PromptPair(target="a circle", positive="a {p} red circle", negative="a {p} blue circle",
+                         eta=ETA / len(SIZES), preservation=SIZES),
+}
+
+
+def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
+    array = images.numpy()
+    ms = measure_batch(array)
+    return {
+        "area": np.array([m.area_fraction for m in ms]),
+        "color": np.array([m.color for m in ms]),
+        "shape": np.array([m.shape for m in ms]),
+        "centroid": np.array([[m.cx, m.cy] for m in ms]) * array.shape[1],  # pixels
+        "redness": np.array([m.mean_rgb[0] - m.mean_rgb[2] if m.area_fraction > 0 else np.nan for m in ms]),
+        "pixels": array,
+    }
+
+
+def compare(m: dict, base: dict) -> dict[str, float]:
+    """Change of every attribute against the α = 0 images of the same seeds."""
+    return {
+        "area": float(np.nanmean(m["area"])),
+        "redness": float(np.nanmean(m["redness"])),
+        "colour_same": float(np.mean(m["color"] == base["color"])),
+        "shape_same": float(np.mean(m["shape"] == base["shape"])),
+        "centroid_shift_px": float(np.nanmean(np.linalg.norm(m["centroid"] - base["centroid"], axis=1))),
+        "pixel_l1": float(np.mean(np.abs(m["pixels"] - base["pixels"]))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHAPES_MODEL_DIR))
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seeds", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    denoiser = load_diffusers_model(args.model)
+    seeds = list(range(1000, 1000 + args.seeds))
+    render = dict(seeds=seeds, steps=args.steps, guidance=args.guidance, resolution=32)
+
+    train_seconds = {}
+    for name, pair in SLIDERS.items():
+        config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0)
+        result = train_text_slider(denoiser, [pair], config, name=name.replace("-", "_"), progress=True)
+        train_seconds[name] = result.seconds
+        print(f"trained {name}: {result.seconds:.0f} s, loss {result.losses[0]:.4g} → {np.mean(result.losses[-20:]):.4g}")
+    _, _, ref_iterations = reference_loop(denoiser, SLIDERS["size-abl"], 10**9, 32, 0, name="size_ref", lr=args.lr,
+                                          seconds=train_seconds["size-abl"], keep=True)
+    print(f"trained size-ref: {ref_iterations} iterations in {train_seconds['size-abl']:.0f} s (equal wall time)")
+
+    adapter = {"size": "size", "size-abl": "size_abl", "colour": "colour", "size-ref": "size_ref"}
+    base = measure(generate(denoiser, EVAL_PROMPT, scales={}, **render))
+    results: dict[str, dict[float, dict[str, float]]] = {}
+    for name in ("size", "size-abl", "size-ref", "colour"):
+        results[name] = {a: compare(measure(generate(denoiser, EVAL_PROMPT, scales={adapter[name]: a}, **render)), base)
+                         for a in ALPHAS}
+    prompted = {word: compare(measure(generate(denoiser, f"a {word} circle", scales={}, **render)), base)
+                for word in ("small", "large", "red", "blue")}
+    combos = {
+        "size+2 alone": results["size"][2.0],
+        "colour+2 alone": results["colour"][2.0],
+        "size+2 & colour+2": compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": 2.0, "colour": 2.0},
+                                                      **render)), base),
+        "size−2 & colour−2": compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": -2.0, "colour": -2.0},
+                                                      **render)), base),
+    }
+    delayed = {start: compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": 2.0}, start=start, **render)),
+                              base) for start in (0.0, 0.2, 0.4)}
+    write_report(args, results, prompted, combos, delayed, base, train_seconds, ref_iterations,
+                 time.perf_counter() - started)
+
+
+def write_report(args, results, prompted, combos, delayed, base, train_seconds, ref_iterations, total) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Slider quality on the shapes model ({args.seeds} seeds, eval prompt \"{EVAL_PROMPT}\", "
+             f"{args.steps} steps, CFG {args.guidance}, {args.iterations} training iterations, "
+             f"{torch.get_num_threads()} threads, {total / 60:.1f} min in all)", ""]
+    lines += ["Base (α = 0): mean area fraction %.3f, redness %.3f (mean R − B of the shape)." %
+              (float(np.nanmean(base["area"])), float(np.nanmean(base["redness"]))), ""]
+    header = "| slider | α | area | Δarea | redness | colour same | shape same | centroid shift px | pixel L1 |"
+    lines += ["## Efficacy and preservation", "", header, "|" + "---|" * 9]
+    for name, rows in results.items():
+        zero = rows[0.0]
+        for a, r in rows.items():
+            lines.append(f"| {name} | {a:+g} | {r['area']:.3f} | {r['area'] - zero['area']:+.3f} | {r['redness']:.3f} | "
+                         f"{r['colour_same']:.0%} | {r['shape_same']:.0%} | {r['centroid_shift_px']:.2f} | "
+                         f"{r['pixel_l1']:.3f} |")
+    lines += ["", "Prompting the attribute directly (same seeds, compared with \"a circle\"):", "",
+              "| prompt | area | redness | colour same | shape same |", "|---|---|---|---|---|"]
+    for word, r in prompted.items():
+        lines.append(f"| a {word} circle | {r['area']:.3f} | {r['redness']:.3f} | {r['colour_same']:.0%} | "
+                     f"{r['shape_same']:.0%} |")
+    lines += ["", "## Composition", "", "| sliders | area | redness | colour same | shape same | pixel L1 |",
+              "|---|---|---|---|---|---|"]
+    for label, r in combos.items():
+        lines.append(f"| {label} | {r['area']:.3f} | {r['redness']:.3f} | {r['colour_same']:.0%} | "
+                     f"{r['shape_same']:.0%} | {r['pixel_l1']:.3f} |")
+    lines += ["", "## Delayed LoRA (size α = +2, slider switched on after a fraction of the steps)", "",
+              "| start | area | shape same | colour same | centroid shift px | pixel L1 |", "|---|---|---|---|---|---|"]
+    for start, r in delayed.items():
+        lines.append(f"| {start:.0%} | {r['area']:.3f} | {r['shape_same']:.0%} | {r['colour_same']:.0%} | "
+                     f"{r['centroid_shift_px']:.2f} | {r['pixel_l1']:.3f} |")
+    lines += ["", "## Training cost", "", "| slider | seconds | iterations |", "|---|---|---|"]
+    for name, seconds in train_seconds.items():
+        lines.append(f"| {name} | {seconds:.0f} | {args.iterations} |")
+    lines.append(f"| size-ref (reference-structured, equal wall time to size-abl) | {train_seconds['size-abl']:.0f} | "
+                 f"{ref_iterations} |")
+    report = "\n".join(lines) + "\n"
+    (args.out / "slider_quality.md").write_text(report)
+    (args.out / "slider_quality.json").write_text(json.dumps(
+        {"results": {k: {str(a): r for a, r in v.items()} for k, v in results.items()}, "prompted": prompted,
+         "composition": combos, "delayed": {str(k): v for k, v in delayed.items()}}, indent=1))
+    plot = line_plot({name: (list(rows), [r["area"] for r in rows.values()]) for name, rows in results.items()},
+                     "mean shape area vs slider strength", "alpha", "area fraction")
+    plot.save(args.out / "slider_quality.png")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
