@@ -129,8 +129,8 @@ def write_report(args, results, prompted, combos, delayed, base, train_seconds, 
     lines = [f"# Slider quality on the shapes model ({args.seeds} seeds, eval prompt \"{EVAL_PROMPT}\", "
              f"{args.steps} steps, CFG {args.guidance}, {args.iterations} training iterations, "
              f"{torch.get_num_threads()} threads, {total / 60:.1f} min in all)", ""]
-    lines += ["Base (α = 0): mean area fraction %.3f, redness %.3f (mean R − B of the shape)." %
-              (float(np.nanmean(base["area"])), float(np.nanmean(base["redness"]))), ""]
+    lines += [f"Base (α = 0): mean area fraction {np.nanmean(base['area']):.3f}, redness "
+              f"{np.nanmean(base['redness']):.3f} (mean R − B of the shape).", ""]
     header = "| slider | α | area | Δarea | redness | colour same | shape same | centroid shift px | pixel L1 |"
     lines += ["## Efficacy and preservation", "", header, "|" + "---|" * 9]
     for name, rows in results.items():
