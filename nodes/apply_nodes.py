@@ -43,6 +43,15 @@ class LoadSlider:
             "slider_name": (lora_files(), {"tooltip": "A file in models/loras (trained sliders are in sliders/)."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, slider_name):
+        """ComfyUI caches outputs by inputs: re-read the file when it changes (a slider retrained under its name)."""
+        try:
+            stat = lora_path(slider_name).stat()
+        except Exception:  # missing file: load() reports it
+            return ""
+        return f"{stat.st_mtime_ns}-{stat.st_size}-{stat.st_ino}"
+
     def load(self, slider_name):
         tensors, metadata = read_state_dict(lora_path(slider_name))
         return (SliderFile(tensors, metadata, Path(slider_name).stem),)

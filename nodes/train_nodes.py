@@ -50,7 +50,8 @@ class TrainTextSlider:
             "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                            "tooltip": "Training image size (512 for SD1.x, 1024 for SDXL)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Same seed, same slider."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
+                     "tooltip": "Same seed, same slider."}),
             "slider_name": ("STRING", {"default": "my_slider", "tooltip":
                             "File name in models/loras/sliders (no folders, no '..')."}),
             "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
@@ -71,7 +72,7 @@ class TrainTextSlider:
                              layers=layers, seed=seed, save_every=save_every)
         config.validate()
         out = safe_output_path(sliders_dir(), slider_name)
-        existed = out.exists()
+        previous = out.read_bytes() if out.exists() else None  # restored if the user cancels a retrain
         progress = comfy.utils.ProgressBar(iterations)
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -87,7 +88,12 @@ class TrainTextSlider:
                 result = train_text_slider(denoiser, [pair], config, name="slider", resume=resume,
                                            checkpoint_path=out, callback=on_step, progress=False)
             except comfy.model_management.InterruptProcessingException:
-                if not existed:
-                    out.unlink(missing_ok=True)  # a cancelled run leaves no slider file behind
+                # a cancelled run leaves no slider file behind, and an earlier slider as it was
+                if previous is None:
+                    out.unlink(missing_ok=True)
+                elif out.read_bytes() != previous:
+                    restore = out.with_name(f".{out.name}.restore")
+                    restore.write_bytes(previous)
+                    restore.replace(out)
                 raise
         return (SliderFile.from_weights(result.weights, out.stem), pil_to_image(loss_plot(result.losses)))

@@ -65,8 +65,8 @@ WORKFLOW_NAMES = sorted(API_WORKFLOWS)
 # =================================================================================================
 
 def test_every_api_workflow_has_a_ui_twin():
-    assert WORKFLOW_NAMES, "no workflows/*.api.json found"
-    ui_files = {p.name[:-len(".json")] for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")}
+    assert WORKFLOW_NAMES, "no workflows/api/*.json found"
+    ui_files = {p.stem for p in WORKFLOWS.glob("*.json")}
     assert ui_files == set(WORKFLOW_NAMES), f"UI files {sorted(ui_files)} vs API files {WORKFLOW_NAMES}"
 
 
@@ -83,7 +83,7 @@ def test_ui_workflow_is_consistent_with_its_api_file(name):
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_workflow_uses_core_and_pack_nodes_only(name):
+def test_workflow_uses_core_and_pack_nodes_with_valid_values(name):
     snapshot = gen.load_snapshot()
     api = API_WORKFLOWS[name]
     for node_id, node in api.items():
@@ -92,10 +92,14 @@ def test_workflow_uses_core_and_pack_nodes_only(name):
         ours = class_type.startswith("ConceptSliders") and module == "custom_nodes"
         core = module == "nodes" or module.startswith("comfy_extras.")
         assert ours or core, f"node {node_id}: {class_type} ({module}) is neither core nor ours"
-        for name_, value in node["inputs"].items():  # combos hold valid (static) options
+        for name_, value in node["inputs"].items():  # widget values pass ComfyUI's validation
             spec = next(s for s in snapshot[class_type]["inputs"] if s["name"] == name_)
-            if spec["type"] == "COMBO" and spec.get("options") and not gen.is_link(value):
+            if gen.is_link(value):
+                continue
+            if spec["type"] == "COMBO" and spec.get("options"):
                 assert value in spec["options"], f"node {node_id}.{name_}: {value!r} is not an option"
+            if spec["type"] in ("INT", "FLOAT"):
+                assert spec.get("min", value) <= value <= spec.get("max", value), (node_id, name_, value)
     ckpts = [n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
     assert ckpts and all(c == DEFAULT_CKPT for c in ckpts), ckpts
 
@@ -285,10 +289,10 @@ class ComfyServer:
         if self.process.poll() is not None:
             return False
         try:
-            status, body = self.request("/object_info/KSampler", timeout=15)
+            status, body = self.request("/object_info", timeout=30)
         except OSError:
             return False
-        return status == 200 and "KSampler" in body
+        return status == 200 and "KSampler" in body and "ConceptSlidersLoad" in body
 
     def queue(self, prompt: dict):
         """POST /prompt → (HTTP status, JSON answer)."""
@@ -367,7 +371,8 @@ def server(tmp_path_factory):
 
     try:
         comfy_support.import_comfy()  # ComfyUI's dependencies must import in this interpreter
-    except comfy_support.ComfyUnavailable as exc:
+        import aiohttp  # noqa: F401  (the server itself)
+    except (comfy_support.ComfyUnavailable, ImportError) as exc:
         pytest.skip(f"live ComfyUI tier: {exc}")
 
     ckpt = _cached_checkpoint()
@@ -584,6 +589,63 @@ def test_example_workflow_runs(server, base_slider, name):
     if name == "delayed_vs_plain":  # switching the slider on later must change the picture
         assert (pixels(images["11"][0]) != pixels(images["12"][0])).any()
     print(f"{name}: {time.monotonic() - started:.1f}s")
+
+
+@live
+def test_delayed_sampler_equals_plain_and_base_at_the_ends(server, base_slider):
+    """start_step 0 = the slider applied throughout (Apply Slider + KSampler); start_step = steps = base model."""
+    steps = 3
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "2": {"class_type": "ConceptSlidersLoad", "inputs": {"slider_name": "sliders/live_base.safetensors"}},
+              "3": {"class_type": "ConceptSlidersApply", "inputs": {"model": ["1", 0], "slider": ["2", 0],
+                                                                    "alpha": 2.0}}}
+    prompt.update(sampling_nodes(["1", 0], "live/ends_base", first_id=10, steps=steps))
+    prompt.update(sampling_nodes(["3", 0], "live/ends_plain", first_id=20, steps=steps))
+    for first_id, start in ((30, 0), (40, steps)):
+        prompt.update(sampling_nodes(["1", 0], f"live/ends_delayed{start}", first_id=first_id, steps=steps))
+        sampler = prompt[str(first_id + 3)]["inputs"]
+        prompt[str(first_id + 3)] = {"class_type": "ConceptSlidersDelayedSampler", "inputs": dict(
+            sampler, slider=["2", 0], alpha=2.0, start_step=start, alpha_schedule="")}
+    for node in prompt.values():
+        if node["class_type"] in ("KSampler", "ConceptSlidersDelayedSampler"):
+            node["inputs"]["sampler_name"] = "euler_ancestral"  # same seed → same noise in every branch
+    entry = server.run(prompt)
+    assert_success(entry)
+    base, plain, delayed0, delayed_all = (pixels(saved_images(server, entry, i)[0]) for i in ("15", "25", "35", "45"))
+    effect = abs(plain - base).max()
+    assert effect > 10, f"the slider barely changes the image (max diff {effect})"
+    # weight wrappers vs static patches: the same weights up to float rounding
+    assert abs(delayed0 - plain).max() <= 2, abs(delayed0 - plain).max()
+    assert abs(delayed_all - base).max() <= 2, abs(delayed_all - base).max()
+
+
+@live
+def test_load_slider_rereads_a_file_that_changed(server, base_slider):
+    """ComfyUI caches node outputs by their inputs: a slider retrained under the same name must not stay stale."""
+    path = server.sliders / "live_retrained.safetensors"
+    shutil.copyfile(base_slider, path)
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+              "2": {"class_type": "ConceptSlidersLoad", "inputs": {"slider_name": "sliders/live_retrained.safetensors"}},
+              "3": {"class_type": "ConceptSlidersApply", "inputs": {"model": ["1", 0], "slider": ["2", 0],
+                                                                    "alpha": 2.0}}}
+    prompt.update(sampling_nodes(["3", 0], "live/retrained", first_id=10))
+    first = server.run(prompt)
+    assert_success(first)
+    before = pixels(saved_images(server, first, "15")[0])
+    # "retrain": the same slider negated (up → −up) under the same name
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: (-v if k.endswith("lora_up.weight") else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+    second = server.run(prompt)
+    assert_success(second)
+    cached = {n for m in messages(second, "execution_cached") for n in m["nodes"]}
+    assert "2" not in cached, f"Load Slider served its cached output after the file changed (cached: {sorted(cached)})"
+    after = pixels(saved_images(server, second, "15")[0])
+    assert (after != before).any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,3 +213,26 @@ def test_cancel_stops_training_and_leaves_no_file(loras):
     finally:
         mm.interrupt_current_processing(False)
     assert not (loras / "sliders" / "cancelled.safetensors").exists()
+
+
+def test_cancelled_retrain_keeps_the_earlier_slider(loras):
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    train(patcher, clip, name="kept", iterations=2)
+    path = loras / "sliders" / "kept.safetensors"
+    before = path.read_bytes()
+    mm = C["model_management"]
+    real_update = C["utils"].ProgressBar.update_absolute
+
+    def cancel_at_step_3(self, value, total=None, preview=None):
+        real_update(self, value, total, preview)
+        if value == 3:
+            mm.interrupt_current_processing(True)
+
+    C["utils"].ProgressBar.update_absolute = cancel_at_step_3
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(patcher, clip, name="kept", iterations=50, save_every=1, seed=1)
+    finally:
+        C["utils"].ProgressBar.update_absolute = real_update
+        mm.interrupt_current_processing(False)
+    assert path.read_bytes() == before

@@ -221,3 +221,12 @@ def test_failed_write_leaves_the_old_file_and_no_temp(sd1, tmp_path, monkeypatch
         save_slider(weights, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_saved_file_follows_the_umask(sd1, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_slider(random_slider(sd1), tmp_path / "s.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the UI-format example workflows (`<name>.json`) from the API-format ones (`<name>.api.json`).
+"""Build the UI-format example workflows (`<name>.json`) from the API-format ones (`api/<name>.json`).
 
 The API files are the source of truth: the live ComfyUI tests run them. The UI files, which the
 ComfyUI frontend opens (Workflow → Open, or the pack's templates), are generated from them plus a
@@ -61,7 +61,7 @@ def normalise_input(name: str, section: str, spec) -> dict:
     entry["control_after_generate"] = bool(
         entry["widget"] and entry["type"] == "INT"
         and options.get("control_after_generate", name in ("seed", "noise_seed")))
-    if "default" in options:
+    if "default" in options and section == "optional":  # fills optional widgets an API file leaves out
         entry["default"] = options["default"]
     for key in ("min", "max", "multiline"):
         if key in options:
@@ -109,10 +109,11 @@ def load_snapshot(path: Path = SNAPSHOT) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def api_workflows(folder: Path = HERE) -> dict[str, dict]:
-    """name → API graph for every `<name>.api.json` in folder (sorted by name)."""
+    """name → API graph for every `api/<name>.json` in folder (sorted by name). The API files live in a
+    subfolder because ComfyUI lists every JSON file at the top of the folder as a UI template."""
     out = {}
-    for path in sorted(folder.glob("*.api.json")):
-        out[path.name[: -len(".api.json")]] = json.loads(path.read_text(encoding="utf-8"))
+    for path in sorted((folder / "api").glob("*.json")):
+        out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
     return out
 
 
@@ -341,7 +342,7 @@ def check_ui(ui: dict, api: dict, snapshot: dict) -> list[str]:
             link = links.get(node["inputs"][slot]["link"]) if slot is not None else None
             if link is None or (link[1], link[2]) != (int(value[0]), value[1]):
                 errors.append(f"node {node_id_str}.{name}: API links {value}, UI has {link}")
-        for i, inp in enumerate(node["inputs"]):
+        for inp in node["inputs"]:
             if inp.get("link") is not None and inp["name"] not in api_node["inputs"]:
                 errors.append(f"node {node_id_str}.{inp['name']} is linked in the UI but not in the API file")
     return errors
