@@ -137,6 +137,7 @@ class SliderSweep:
     def sweep(self, model, slider, vae, alphas, start_step, seed, steps, cfg, sampler_name, scheduler, positive,
               negative, latent_image):
         import comfy.model_management
+
         import nodes
 
         values = [check_alpha(a) for a in parse_floats(alphas, "alphas")]
