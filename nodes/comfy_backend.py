@@ -195,6 +195,20 @@ class ComfyDenoiser:
         """(Re)load the patched model so new weight wrappers take effect (ComfyUI memory management)."""
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
 
+    @contextlib.contextmanager
+    def gradient_checkpointing(self) -> Iterator[None]:
+        """The host's own activation checkpointing (the one its LoRA trainer uses)."""
+        from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch, unpatch
+
+        modules = find_all_highest_child_module_with_forward(self.model.diffusion_model)
+        for module in modules:
+            patch(module)
+        try:
+            yield
+        finally:
+            for module in modules:
+                unpatch(module)
+
     def encode(self, prompts: Sequence[str]) -> Cond:
         if self.clip is None:
             raise SliderError("a CLIP is needed to encode prompts")

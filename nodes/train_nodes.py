@@ -57,10 +57,13 @@ class TrainTextSlider:
             "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
                            "tooltip": "Write a checkpoint every N steps (0: only at the end)."}),
             "resume_from": ([NO_RESUME, *lora_files()], {"tooltip": "Continue training a slider saved earlier."}),
+        }, "optional": {
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
+                                       "Recompute activations during backward: less memory, slower."}),
         }}
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
-              iterations, lr, resolution, seed, slider_name, save_every, resume_from):
+              iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):
         import comfy.model_management
         import comfy.utils
 
@@ -69,7 +72,8 @@ class TrainTextSlider:
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
         config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta, resolution=resolution,
-                             layers=layers, seed=seed, save_every=save_every)
+                             layers=layers, seed=seed, save_every=save_every,
+                             gradient_checkpointing=gradient_checkpointing)
         config.validate()
         out = safe_output_path(sliders_dir(), slider_name)
         previous = out.read_bytes() if out.exists() else None  # restored if the user cancels a retrain

@@ -12,6 +12,7 @@ trained at exactly the noise level it sits at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -132,38 +133,43 @@ def train_text_slider(
     last_good_step = start_step
     steps = range(start_step, config.iterations)
     bar = tqdm(steps, desc=f"training slider '{name}'", disable=not progress, leave=False)
-    for step in bar:
-        item = encoded[step % len(encoded)]
-        if item.trajectory is None or item.uses >= config.trajectory_reuse:
-            noise = denoiser.initial_noise(batch, resolution, noise_gen)
-            with host.disabled():
-                item.trajectory = denoiser.sample(item.target, empty, guidance=config.trajectory_guidance,
-                                                  steps=config.trajectory_steps, noise=noise, record=True)
-            item.uses = 0
-        item.uses += 1
-        k = step_rng.randrange(1, config.trajectory_steps)  # skip pure noise, as the reference does
-        x_t, level = item.trajectory.states[k], item.trajectory.levels[k]
+    with contextlib.ExitStack() as stack:
+        if config.gradient_checkpointing:
+            if not hasattr(denoiser, "gradient_checkpointing"):
+                raise SliderError(f"{type(denoiser).__name__} does not support gradient checkpointing")
+            stack.enter_context(denoiser.gradient_checkpointing())
+        for step in bar:
+            item = encoded[step % len(encoded)]
+            if item.trajectory is None or item.uses >= config.trajectory_reuse:
+                noise = denoiser.initial_noise(batch, resolution, noise_gen)
+                with host.disabled():
+                    item.trajectory = denoiser.sample(item.target, empty, guidance=config.trajectory_guidance,
+                                                      steps=config.trajectory_steps, noise=noise, record=True)
+                item.uses = 0
+            item.uses += 1
+            k = step_rng.randrange(1, config.trajectory_steps)  # skip pure noise, as the reference does
+            x_t, level = item.trajectory.states[k], item.trajectory.levels[k]
 
-        target = frozen_target(denoiser, item, x_t, level)
-        host.set_scales({name: 1.0})
-        prediction = denoiser.predict(x_t, level, item.target.repeat_each(batch))
-        loss = F.mse_loss(prediction.float(), target)
-        if not torch.isfinite(loss):
-            _diverged(host, name, checkpoint_path, metadata(last_good_step), step, "loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-            _diverged(host, name, checkpoint_path, metadata(last_good_step), step, "gradients")
-        optimizer.step()
-        last_good_step = step + 1
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
-        if callback is not None:
-            callback(step + 1, config.iterations, result.losses[-1])
-        if checkpoint_path and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.iterations:
-            _save(host, name, checkpoint_path, metadata(step + 1))
+            target = frozen_target(denoiser, item, x_t, level)
+            host.set_scales({name: 1.0})
+            prediction = denoiser.predict(x_t, level, item.target.repeat_each(batch))
+            loss = F.mse_loss(prediction.float(), target)
+            if not torch.isfinite(loss):
+                _diverged(host, name, checkpoint_path, metadata(last_good_step), step, "loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                _diverged(host, name, checkpoint_path, metadata(last_good_step), step, "gradients")
+            optimizer.step()
+            last_good_step = step + 1
+            result.losses.append(loss.item())
+            bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+            if callback is not None:
+                callback(step + 1, config.iterations, result.losses[-1])
+            if checkpoint_path and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.iterations:
+                _save(host, name, checkpoint_path, metadata(step + 1))
     bar.close()
     host.set_scales({})
     result.seconds = time.perf_counter() - started

@@ -236,3 +236,12 @@ def test_cancelled_retrain_keeps_the_earlier_slider(loras):
         C["utils"].ProgressBar.update_absolute = real_update
         mm.interrupt_current_processing(False)
     assert path.read_bytes() == before
+
+
+def test_gradient_checkpointing_option_trains_the_same_slider(loras):
+    clip = FakeClip()
+    plain, _ = train(comfy_support.tiny_sd15_patcher(), clip, name="a", iterations=3)
+    checkpointed, _ = train(comfy_support.tiny_sd15_patcher(), clip, name="b", iterations=3,
+                            gradient_checkpointing=True)
+    for key, value in plain.tensors.items():
+        assert torch.allclose(value, checkpointed.tensors[key], atol=1e-6), key

@@ -219,3 +219,16 @@ def test_reference_style_list_of_pairs_round_robins_with_own_eta(sd1, monkeypatc
     assert [p["target"] for p in json.loads(result.weights.metadata["sliders.prompts"])] == ["male person",
                                                                                            "female person"]
     assert ["female person, old"] in [s[1:2] for s in seen]
+
+
+def test_gradient_checkpointing_trains_the_same_slider(sd1):
+    from sliders_core.backends.diffusers_backend import DiffusersDenoiser
+    from sliders_core.tiny import tiny_sd1_pipeline
+
+    plain = train_text_slider(sd1, [AGE], quick_config(iterations=3), progress=False)
+    other = DiffusersDenoiser(tiny_sd1_pipeline())
+    checkpointed = train_text_slider(other, [AGE], quick_config(iterations=3, gradient_checkpointing=True),
+                                     progress=False)
+    assert not other.unet.is_gradient_checkpointing  # switched off again afterwards
+    for path, module in plain.weights.modules.items():
+        assert torch.allclose(module.up, checkpointed.weights.modules[path].up, atol=1e-6)

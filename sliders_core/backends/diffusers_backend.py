@@ -6,9 +6,10 @@ Loads a local diffusers folder or a single-file checkpoint strictly offline. Pix
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ from ..errors import SliderError
 from ..formats import UnetNaming
 from .peft_sliders import PeftSliderHost
 
-FAMILY_FILE = "sliders_model.json"  # optional {"family": "..."} in a model folder
+# optional {"family": "...", "sample_steps": N, "sample_guidance": G} in a model folder
+FAMILY_FILE = "sliders_model.json"
 
 
 def detect_family(unet: UNet2DConditionModel, is_xl: bool) -> str:
@@ -48,7 +50,8 @@ def _fingerprint(kind: str, cfg) -> str:
 
 
 class DiffusersDenoiser:
-    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, family: str | None = None):
+    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, family: str | None = None,
+                 sample_defaults: dict | None = None):
         self.pipe = pipe
         self.unet: UNet2DConditionModel = pipe.unet
         self.vae: AutoencoderKL | None = getattr(pipe, "vae", None)
@@ -63,6 +66,8 @@ class DiffusersDenoiser:
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.default_resolution = int(self.unet.config.sample_size) * self.latent_factor
         self.forward_count = 0  # single-sample UNet forwards, for the benchmark
+        # sampler settings the model was tuned for ({"steps": .., "guidance": ..}; sliders_model.json)
+        self.sample_defaults = dict(sample_defaults or {})
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +76,14 @@ class DiffusersDenoiser:
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self) -> Iterator[None]:
+        self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            self.unet.disable_gradient_checkpointing()
 
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,14 +205,17 @@ def load_diffusers_model(path: str | Path, *, dtype: torch.dtype = torch.float32
     path = Path(path)
     if not path.exists():
         raise SliderError(f"model not found: {path}")
+    defaults = {}
     if path.is_dir():
         pipe = _load_folder(path, dtype)
         family_file = path / FAMILY_FILE
-        if family is None and family_file.is_file():
-            family = json.loads(family_file.read_text())["family"]
+        if family_file.is_file():
+            info = json.loads(family_file.read_text())
+            family = family or info.get("family")
+            defaults = {k: info[f"sample_{k}"] for k in ("steps", "guidance") if f"sample_{k}" in info}
     else:
         pipe = _load_single_file(path, dtype, config)
-    return DiffusersDenoiser(pipe.to(device), family=family)
+    return DiffusersDenoiser(pipe.to(device), family=family, sample_defaults=defaults)
 
 
 def _load_folder(path: Path, dtype: torch.dtype):
