@@ -17,7 +17,7 @@ eq. 8 target works for ε-, v-, x0- and flow-parameterised models alike.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -43,14 +43,6 @@ class Cond:
     def repeat_each(self, n: int) -> Cond:
         """[a, b] → [a×n, b×n]: prompt-major layout, matching `x.repeat(len(cond), ...)`."""
         return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
-
-    def select(self, index: int | slice) -> Cond:
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        return Cond({k: v[index] for k, v in self.tensors.items()})
-
-    def detach_clone(self) -> Cond:
-        return Cond({k: v.detach().clone() for k, v in self.tensors.items()})
 
 
 @dataclass
@@ -115,12 +107,3 @@ class Denoiser(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images [B, H, W, 3] in 0..1 (float32, CPU)."""
-
-
-@contextlib.contextmanager
-def sliders_scaled(host: SliderHost, scales: dict[str, float]) -> Iterator[None]:
-    host.set_scales(scales)
-    try:
-        yield
-    finally:
-        host.set_scales({})

@@ -13,9 +13,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .denoiser import Denoiser, SliderSchedule
-from .errors import FamilyMismatchError, SliderError
+from .errors import SliderError
 from .formats import load_slider
-from .slider_weights import SliderWeights
 
 
 @dataclass(frozen=True)
@@ -38,13 +37,6 @@ def attach_slider_file(denoiser: Denoiser, path: str | Path, name: str | None = 
     """Load a slider file for this model (any supported format) and attach it, switched off."""
     weights = load_slider(path, denoiser.naming, family=denoiser.family)
     name = name or _adapter_name(Path(path), denoiser.sliders.names())
-    denoiser.sliders.add(name, weights)
-    return name
-
-
-def attach_weights(denoiser: Denoiser, weights: SliderWeights, name: str) -> str:
-    if weights.family is not None and weights.family != denoiser.family:
-        raise FamilyMismatchError(f"slider is for base family '{weights.family}', the model is '{denoiser.family}'")
     denoiser.sliders.add(name, weights)
     return name
 
