@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
 from sliders_core.inference import generate, grid_image  # noqa: E402
-from sliders_core.shapes import (COLORS, SHAPES, SIZE_AREA, SIZES, attribute_accuracy,  # noqa: E402
-                                 caption_attributes, measure_batch)
+from sliders_core.shapes import COLORS, SHAPES, SIZE_AREA, SIZES, attribute_accuracy, caption_attributes, measure_batch  # noqa: E402
 from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
 
 ATTRS = ("size", "color", "shape")
@@ -132,7 +131,7 @@ def main(argv=None) -> None:
           f" UNet + {sum(x.numel() for x in denoiser.pipe.text_encoder.parameters()):,} text parameters)")
     results = {}
     if args.sweep:
-        settings = [(25, 3.0), (50, 2.0), (50, 3.0), (50, 5.0), (100, 3.0)]
+        settings = [(25, 3.0), (25, 5.0), (25, 7.5), (50, 5.0)]
         for steps, guidance in settings:
             t0 = time.time()
             images, labels = run(denoiser, [(q, 1) for q in full_prompts()], 2, steps, guidance, args.seed)

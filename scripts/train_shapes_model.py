@@ -8,7 +8,8 @@
 Data comes on the fly from ``sliders_core.shapes.make_dataset`` (one deterministic batch per step,
 uniform sizes/colours/shapes, so the size marginal is balanced when the size word is dropped).
 Lessons of shared/SHAPES.md applied: more weight on noisy timesteps (half of every batch from
-t >= 250, where the layout and colour are decided), caption word dropout 0.2 and 10 % empty
+t >= 250, and a loss weight 1/alpha_bar(t) capped at 25, i.e. the v-prediction loss, for the
+eps-predicting model: that is where layout and colour are decided), caption word dropout 0.2 and 10 % empty
 captions (for CFG), a warm-up + cosine learning-rate schedule, EMA weights are what ships, and the
 text reaches every resnet through the time embedding (see ``sliders_core.shapes.model``).
 
@@ -38,8 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sliders_core.shapes import COLORS, SHAPES, SIZES, attribute_accuracy, make_dataset  # noqa: E402
 from sliders_core.shapes.model import (  # noqa: E402
-    DEFAULT_GUIDANCE, MAX_TOKENS, SHAPES_MODEL_DIR, build_pipeline, parameter_count, save_shapes_pipeline,
-    sample_images)
+    DEFAULT_GUIDANCE,
+    MAX_TOKENS,
+    SHAPES_MODEL_DIR,
+    build_pipeline,
+    parameter_count,
+    sample_images,
+    save_shapes_pipeline,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--empty-prob", type=float, default=0.1, help="empty caption, for CFG")
     p.add_argument("--noisy-fraction", type=float, default=0.5, help="share of each batch with t >= --noisy-min-t")
     p.add_argument("--noisy-min-t", type=int, default=250)
+    p.add_argument("--max-weight", type=float, default=25.0,
+                   help="cap of the 1/alpha_bar(t) loss weight (1: plain eps-MSE)")
+    p.add_argument("--late-max-weight", type=float, default=5.0, help="the cap from --late-from on")
+    p.add_argument("--late-from", type=float, default=0.6, help="training progress (0..1) of the cap change")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=SHAPES_MODEL_DIR)
@@ -159,7 +170,17 @@ def main(argv=None) -> None:
             group["lr"] = args.lr * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
         context = text_encoder(tokens(captions))[0]
         pred = unet(x_t, t, encoder_hidden_states=context).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        # eps-MSE weights an image's x0 error by SNR(t), ~0 at high noise: exactly where size, colour and
+        # shape are decided and only the text can tell them (lower down they can be read off x_t). The
+        # first run (plain eps-MSE) learned size and shape but left colour at chance after 22 min.
+        # Weight 1/alpha_bar(t) = the v-prediction loss (x0 weight SNR + 1), capped, normalised per batch.
+        per_image = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        # Late in training the cap drops (--late-max-weight): the colour/size/layout conditioning is
+        # learned by then, and shape (decided at mid noise, readable from edges) needs the lower and
+        # middle timesteps back: with the cap at 25 all the way, shape stayed at chance.
+        cap = args.late_max_weight if progress >= args.late_from else args.max_weight
+        weight = (1 / a.view(-1)).clamp(max=cap) if cap > 1 else torch.ones_like(per_image)
+        loss = (weight * per_image).sum() / weight.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -185,7 +206,7 @@ def main(argv=None) -> None:
         if args.eval_minutes and now - last_eval > args.eval_minutes * 60:
             t_eval = time.time()
             acc = _eval_ema(pipe, modules, ema, args.seed)
-            print(f"  quick eval (EMA, 36 prompts, 25 steps): " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
+            print("  quick eval (EMA, 36 prompts, 25 steps): " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
                   + f"  [{time.time() - t_eval:.0f} s, not counted]", flush=True)
             t_start += time.time() - t_eval  # evaluation time does not eat the training budget
             last_eval = time.time()
@@ -199,9 +220,9 @@ def main(argv=None) -> None:
     modules.eval()
     acc = quick_eval(pipe, args.seed)
     print("final quick eval (EMA): " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
-    meta = {"training": {"steps": step, "images": step * args.batch, "minutes": round(elapsed / 60, 1),
-                         "threads": torch.get_num_threads(),
-                         **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "resume")}}}
+    meta = {"training": {**{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "resume")},
+                         "steps_budget": args.steps, "steps": step, "images": step * args.batch,
+                         "minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads()}}
     folder = save_shapes_pipeline(args.out, pipe, fp16=args.fp16, metadata=meta)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.2f} MB)", flush=True)

@@ -14,11 +14,12 @@ from .errors import SliderError, TrainingDivergedError
 from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
 
-EMBEDDED_MODELS = ("tiny-sd1", "tiny-sdxl")
-DEFAULT_MODEL = "tiny-sd1"  # until the shapes model ships (its own issue)
+EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl")
+DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
+# The demo: a size slider on the shapes model, colours held fixed (η is split over the 4 colours).
 DEMO_PROMPTS = {
-    "target": "a person", "positive": "a person, old", "unconditional": "a person, young",
-    "guidance_scale": 2.0, "preservation": ["male", "female"],
+    "target": "a circle", "positive": "a large {p} circle", "unconditional": "a small {p} circle",
+    "guidance_scale": 0.5, "preservation": ["red", "green", "blue", "yellow"],
 }
 
 
@@ -26,6 +27,13 @@ def load_model(spec: str, config: str | None = None, device: str = "cpu"):
     from .backends.diffusers_backend import DiffusersDenoiser, load_diffusers_model
     from .tiny import tiny_sd1_pipeline, tiny_sdxl_pipeline
 
+    if spec == "shapes":
+        from .shapes.model import SHAPES_MODEL_DIR
+
+        if not (SHAPES_MODEL_DIR / "model_index.json").is_file():
+            raise SliderError(f"the shipped shapes model is missing from {SHAPES_MODEL_DIR}; "
+                              "restore it from git or retrain it with scripts/train_shapes_model.py")
+        return load_diffusers_model(SHAPES_MODEL_DIR, device=device)
     if spec == "tiny-sd1":
         return DiffusersDenoiser(tiny_sd1_pipeline().to(device))
     if spec == "tiny-sdxl":
@@ -43,8 +51,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--seeds", default="0", help="comma-separated seeds (one grid row each)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance while sampling")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 30)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's, else 7.5)")
     p.add_argument("--resolution", type=int)
     p.add_argument("--start", type=float, default=0.0,
                    help="delayed LoRA: fraction of the steps run on the base model before the sliders switch on")
@@ -55,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: train an age slider on the embedded model, render a sweep")
+    demo = sub.add_parser("demo", help="the main job: train a size slider on the embedded shapes model, render a sweep")
     demo.add_argument("--out-dir", default="out/demo")
     demo.add_argument("--iterations", type=int, default=150)
 
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
     train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
     train.add_argument("--save-every", type=int, default=0)
+    train.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
     train.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
     train.add_argument("--sweep", help="after training, render an α sweep for this prompt")
 
@@ -112,6 +121,11 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in _floats(text)]
 
 
+def _sampling(denoiser, steps: int | None = None, guidance: float | None = None) -> dict:
+    defaults = {"steps": 30, "guidance": 7.5, **getattr(denoiser, "sample_defaults", {})}
+    return {"steps": steps or defaults["steps"], "guidance": guidance or defaults["guidance"]}
+
+
 def _write_png(image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +145,7 @@ def cmd_train(args, model=None) -> dict:
         rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
         resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
         trajectory_steps=args.trajectory_steps, trajectory_reuse=args.trajectory_reuse,
-        save_every=args.save_every)
+        save_every=args.save_every, gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
     config.validate()
     denoiser = model or load_model(args.model, args.config, args.device)
     resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None
@@ -142,8 +156,8 @@ def cmd_train(args, model=None) -> dict:
         "unet_forwards_per_iteration": round(result.unet_samples_per_iteration, 2),
     }
     if args.sweep:
-        columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1],
-                        resolution=config.resolution, progress=True)
+        columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1, 2, 3],
+                        resolution=config.resolution, progress=True, **_sampling(denoiser))
         grid = out.with_name(out.stem + "_sweep.png")
         _write_png(grid_image(columns, [f"alpha={a:g}" for a in (-2, -1, 0, 1, 2)]), grid)
         summary["sweep"] = str(grid)
@@ -153,11 +167,11 @@ def cmd_train(args, model=None) -> dict:
 def cmd_demo(args) -> dict:
     from .prompts import pair_from_dict
 
-    print(f"Embedded default model: '{DEFAULT_MODEL}', a tiny SD1-shaped model with random weights built "
-          "from configs (no downloads). Its images are noise-like; the run shows the whole pipeline. "
-          "The project's trained shapes model replaces it once it ships.", file=sys.stderr)
+    print(f"Main job on the embedded '{DEFAULT_MODEL}' model (trained here, shipped in the repo, no downloads): "
+          "a size slider for 'a circle', colours held fixed, then an α sweep (columns α = -2..2, rows = seeds).",
+          file=sys.stderr)
     ns = argparse.Namespace(
-        prompts=[pair_from_dict(DEMO_PROMPTS)], out_dir=args.out_dir, name="age", model=DEFAULT_MODEL,
+        prompts=[pair_from_dict(DEMO_PROMPTS)], out_dir=args.out_dir, name="size", model=DEFAULT_MODEL,
         config=None, device="cpu", rank=4, alpha=1.0, lr=1e-3, iterations=args.iterations, eta=None,
         resolution=None, batch_size=None, layers="noxattn", seed=0, trajectory_steps=30,
         trajectory_reuse=20, save_every=0, resume=None, sweep=DEMO_PROMPTS["target"])
@@ -172,8 +186,8 @@ def cmd_generate(args) -> dict:
         scales[attach_slider_file(denoiser, spec.path)] = spec.alpha
     from .inference import generate
 
-    images = generate(denoiser, args.prompt, scales=scales, seeds=_ints(args.seeds), steps=args.steps,
-                      guidance=args.guidance, resolution=args.resolution, start=args.start, progress=True)
+    images = generate(denoiser, args.prompt, scales=scales, seeds=_ints(args.seeds), resolution=args.resolution,
+                      start=args.start, progress=True, **_sampling(denoiser, args.steps, args.guidance))
     path = _write_png(grid_image([images], [", ".join(f"{k}={v:g}" for k, v in scales.items()) or "base"]), args.out)
     return {"image": str(path), "sliders": scales}
 
@@ -187,8 +201,8 @@ def cmd_sweep(args) -> dict:
         others[attach_slider_file(denoiser, spec.path)] = spec.alpha
     alphas = _floats(args.alphas)
     columns = sweep(denoiser, args.prompt, main, alphas, seeds=_ints(args.seeds), others=others,
-                    steps=args.steps, guidance=args.guidance, resolution=args.resolution, start=args.start,
-                    progress=True)
+                    resolution=args.resolution, start=args.start, progress=True,
+                    **_sampling(denoiser, args.steps, args.guidance))
     path = _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), args.out)
     return {"grid": str(path), "alphas": alphas}
 

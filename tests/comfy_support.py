@@ -32,7 +32,8 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "ComfyUnavailable",
@@ -52,14 +53,14 @@ __all__ = [
     "diffusers_config_for",
 ]
 
-_COMFY: Optional[Dict[str, Any]] = None
+_COMFY: dict[str, Any] | None = None
 
 
 class ComfyUnavailable(RuntimeError):
     """ComfyUI cannot be imported (COMFYUI_DIR unset/wrong, or its dependencies missing)."""
 
 
-def comfyui_dir() -> Optional[pathlib.Path]:
+def comfyui_dir() -> pathlib.Path | None:
     """The ComfyUI checkout named by env var COMFYUI_DIR, or None when unset/empty."""
     value = os.environ.get("COMFYUI_DIR", "").strip()
     if not value:
@@ -67,7 +68,7 @@ def comfyui_dir() -> Optional[pathlib.Path]:
     return pathlib.Path(value).expanduser().resolve()
 
 
-def import_comfy() -> Dict[str, Any]:
+def import_comfy() -> dict[str, Any]:
     """Make ComfyUI importable (CPU) and import the modules the tests use.
 
     Returns a dict of modules: comfy, model_management, model_patcher, lora, lora_convert, sd,
@@ -88,8 +89,8 @@ def import_comfy() -> Dict[str, Any]:
         sys.path.insert(0, str(root))
 
     try:
-        import comfy.options  # noqa: F401  (args_parsing stays False -> argv ignored)
         import comfy.cli_args
+        import comfy.options  # noqa: F401  (args_parsing stays False -> argv ignored)
 
         if "comfy.model_management" not in sys.modules:
             want_gpu = os.environ.get("COMFY_SUPPORT_GPU", "") == "1"
@@ -98,13 +99,13 @@ def import_comfy() -> Dict[str, Any]:
             if not (want_gpu and torch.cuda.is_available()):
                 comfy.cli_args.args.cpu = True  # same as `main.py --cpu`
 
-        import comfy.model_management as model_management
-        import comfy.model_patcher as model_patcher
         import comfy.lora as lora
         import comfy.lora_convert as lora_convert
+        import comfy.model_management as model_management
+        import comfy.model_patcher as model_patcher
         import comfy.sd as sd
-        import comfy.utils as utils
         import comfy.supported_models as supported_models
+        import comfy.utils as utils
         import folder_paths
     except ImportError as exc:  # missing torchvision, transformers, ...
         raise ComfyUnavailable(
@@ -137,7 +138,7 @@ def import_comfy() -> Dict[str, Any]:
 # Diffusers layout: down_blocks.{0,1}.{resnets,attentions}.0, down_blocks.0.downsamplers.0,
 # mid_block.{resnets.{0,1},attentions.0}, up_blocks.{0,1}.{resnets,attentions}.{0,1},
 # up_blocks.0.upsamplers.0.  down_blocks.0 resnets have no conv_shortcut (32->32), down_blocks.1 do.
-TINY_SD15_UNET_CONFIG: Dict[str, Any] = {
+TINY_SD15_UNET_CONFIG: dict[str, Any] = {
     "use_checkpoint": False,
     "image_size": 32,
     "out_channels": 4,
@@ -164,7 +165,7 @@ TINY_SD15_UNET_CONFIG: Dict[str, Any] = {
 # Diffusers layout: down_blocks.0.resnets.0, down_blocks.0.downsamplers.0,
 # down_blocks.1.{resnets,attentions}.0, mid_block.*, up_blocks.0.{resnets,attentions}.{0,1},
 # up_blocks.0.upsamplers.0, up_blocks.1.resnets.{0,1}.
-TINY_SDXL_UNET_CONFIG: Dict[str, Any] = {
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
     "use_checkpoint": False,
     "image_size": 32,
     "out_channels": 4,
@@ -216,7 +217,7 @@ def init_weights_(module, seed: int = 0) -> None:
             p.copy_(val.to(dtype=p.dtype, device=p.device))
 
 
-def _tiny_patcher(model_cls_name: str, base_config: Dict[str, Any], seed: int, overrides: Dict[str, Any]):
+def _tiny_patcher(model_cls_name: str, base_config: dict[str, Any], seed: int, overrides: dict[str, Any]):
     c = import_comfy()
     import torch
 
@@ -247,7 +248,7 @@ def tiny_sdxl_patcher(seed: int = 0, **unet_overrides):
 # LoRA
 # ---------------------------------------------------------------------------------------------
 
-def diffusers_config_for(uc: Dict[str, Any], sample_size: int = 16) -> Dict[str, Any]:
+def diffusers_config_for(uc: dict[str, Any], sample_size: int = 16) -> dict[str, Any]:
     """UNet2DConditionModel kwargs with the architecture of ComfyUI's UNetModel config ``uc``."""
     mult = list(uc["channel_mult"])
     nrb = list(uc["num_res_blocks"])
@@ -268,7 +269,7 @@ def diffusers_config_for(uc: Dict[str, Any], sample_size: int = 16) -> Dict[str,
         heads = [c // uc["num_head_channels"] for c in channels]
     else:
         heads = [uc["num_heads"]] * len(mult)
-    cfg: Dict[str, Any] = dict(
+    cfg: dict[str, Any] = dict(
         sample_size=sample_size,
         in_channels=uc["in_channels"],
         out_channels=uc["out_channels"],
@@ -290,7 +291,7 @@ def diffusers_config_for(uc: Dict[str, Any], sample_size: int = 16) -> Dict[str,
     return cfg
 
 
-def comfy_lora_key_map(patcher) -> Dict[str, str]:
+def comfy_lora_key_map(patcher) -> dict[str, str]:
     """``comfy.lora.model_lora_keys_unet(patcher.model, {})``: LoRA key prefix -> model state key.
 
     Prefixes (for SD1.5/SDXL UNets): ``lora_unet_<LDM path>`` and ``<diffusion_model.LDM path>``
@@ -306,7 +307,7 @@ def comfy_lora_key_map(patcher) -> Dict[str, str]:
 class _ListHandler(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.WARNING)
-        self.messages: List[str] = []
+        self.messages: list[str] = []
 
     def emit(self, record):
         try:
@@ -333,7 +334,7 @@ def _capture_root_warnings() -> Iterator[_ListHandler]:
 _NOT_LOADED = "lora key not loaded: "
 
 
-def load_lora_into(patcher, lora_state_dict: Dict[str, Any], strength: float = 1.0) -> Tuple[Any, List[str]]:
+def load_lora_into(patcher, lora_state_dict: dict[str, Any], strength: float = 1.0) -> tuple[Any, list[str]]:
     """Apply a LoRA state dict the way comfy/sd.py:load_lora_for_models does (model part only).
 
     key_map = model_lora_keys_unet; lora = lora_convert.convert_lora(sd); patches =
@@ -361,7 +362,7 @@ def load_lora_into(patcher, lora_state_dict: Dict[str, Any], strength: float = 1
     return new_patcher, sorted(unloaded)
 
 
-def unet_diffusers_to_ldm_names(unet_config: Dict[str, Any]) -> Dict[str, str]:
+def unet_diffusers_to_ldm_names(unet_config: dict[str, Any]) -> dict[str, str]:
     """``comfy.utils.unet_to_diffusers(unet_config)``: diffusers parameter name -> LDM parameter name.
 
     Direction: keys are diffusers names (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight``),
@@ -456,6 +457,7 @@ def _kohya_lora(module_path: str, weight_shape, rank: int = 4, alpha: float = 2.
 
 def _self_check() -> int:
     import time
+
     import torch
 
     if comfyui_dir() is None:

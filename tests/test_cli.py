@@ -39,7 +39,7 @@ def test_train_sweep_generate_info(tmp_path, prompt_file, sd1_folder, capsys):
         assert all(k.startswith("lora_unet_") for k in f.keys())
         meta = f.metadata()
     assert meta["sliders.steps"] == "3" and json.loads(meta["sliders.eta"]) == [2.0]
-    assert Image.open(summary["sweep"]).size == (5 * 128, 16 + 2 * 128)
+    assert Image.open(summary["sweep"]).size == (5 * 128, 16 + 4 * 128)
 
     code, summary, _ = run(capsys, "sweep", "--model", sd1_folder, "--slider", slider, "--prompt", "a person",
                            "--alphas=-1,0,1", "--seeds", "0,1,2", "--steps", 3, "--resolution", 32,

@@ -1,0 +1,54 @@
+"""The shipped shapes model: loads offline, obeys its prompts, and a short slider training works on it."""
+
+import numpy as np
+import pytest
+import torch
+
+from sliders_core.backends.diffusers_backend import load_diffusers_model
+from sliders_core.config import TrainConfig
+from sliders_core.inference import generate
+from sliders_core.prompts import PromptPair
+from sliders_core.shapes.data import COLORS, SHAPES, SIZES
+from sliders_core.shapes.metrics import attribute_accuracy, measure_batch
+from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR
+from sliders_core.text_slider import train_text_slider
+
+RENDER = dict(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, resolution=32)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_diffusers_model(SHAPES_MODEL_DIR)
+
+
+def test_shipped_model_loads_offline_with_its_family(shapes):
+    assert shapes.family == "shapes" and shapes.default_resolution == 32 and shapes.vae is None
+    assert shapes.sample_defaults.get("steps", DEFAULT_STEPS) == DEFAULT_STEPS
+
+
+def test_prompt_accuracy_stays_above_a_floor(shapes):
+    rng = np.random.default_rng(0)
+    prompts = [(SIZES[i % 3], COLORS[i % 4], SHAPES[(i // 4) % 3]) for i in range(12)]
+    images, wanted = [], []
+    for size, color, shape in prompts:
+        seeds = [int(s) for s in rng.integers(0, 10**6, size=2)]
+        images.append(generate(shapes, f"a {size} {color} {shape}", scales={}, seeds=seeds, **RENDER))
+        wanted += [{"size": size, "color": color, "shape": shape}] * 2
+    accuracy = attribute_accuracy(torch.cat(images).numpy(), wanted)
+    # 24 images (chance: size .33, colour .25, shape .33); the shipped model gives .92 / 1.0 / .58 here.
+    # scripts/eval_shapes_model.py measures the real numbers on ≥ 256 samples.
+    assert accuracy["size"] >= 0.75 and accuracy["color"] >= 0.85 and accuracy["shape"] >= 0.45, accuracy
+
+
+def test_a_short_size_slider_training_moves_size_the_right_way(shapes):
+    pair = PromptPair(target="a circle", positive="a large circle", negative="a small circle", eta=2.0)
+    train_text_slider(shapes, [pair], TrainConfig(iterations=60, lr=2e-3, resolution=32, seed=0), name="size",
+                      progress=False)
+    seeds = list(range(16))
+
+    def mean_area(alpha):
+        images = generate(shapes, "a circle", scales={"size": alpha}, seeds=seeds, **RENDER)
+        return np.nanmean([m.area_fraction for m in measure_batch(images.numpy())])
+
+    small, large = mean_area(-2.0), mean_area(2.0)
+    assert large > small + 0.03, (small, large)
