@@ -106,7 +106,9 @@ def main() -> None:
     base = measure(generate(denoiser, EVAL_PROMPT, scales={}, **render))
     results: dict[str, dict[float, dict[str, float]]] = {}
     for name in ("size", "size-abl", "size-ref", "colour"):
-        results[name] = {a: compare(measure(generate(denoiser, EVAL_PROMPT, scales={adapter[name]: a}, **render)), base)
+        # α = 0 is the base model for every slider (scale 0 = LoRA off): reuse those images
+        results[name] = {a: compare(base if a == 0 else
+                                    measure(generate(denoiser, EVAL_PROMPT, scales={adapter[name]: a}, **render)), base)
                          for a in ALPHAS}
     prompted = {word: compare(measure(generate(denoiser, f"a {word} circle", scales={}, **render)), base)
                 for word in ("small", "large", "red", "blue")}

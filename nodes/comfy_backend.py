@@ -24,7 +24,7 @@ from ..sliders_core.config import classify_unet_module
 from ..sliders_core.denoiser import Cond, SliderSchedule, Trajectory
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import UnetNaming
-from ..sliders_core.slider_weights import LoraModule, SliderWeights
+from ..sliders_core.slider_weights import LoraModule, SliderWeights, modules_to_attach
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
              "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega"}
@@ -91,13 +91,7 @@ class ComfySliderHost:
 
     def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
             rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
-        if name in self._adapters:
-            raise SliderError(f"a slider named {name!r} is already attached")
-        modules = list(weights.modules) if weights is not None else list(modules)
-        missing = [m for m in modules if m not in self.names_map]
-        if missing:
-            raise SliderError(f"the slider names modules this model does not have, e.g. {missing[:3]}; "
-                              "it was probably made for another model family")
+        modules = modules_to_attach(name, self._adapters, weights, modules, self.names_map)
         diffusion_model = self.patcher.model.diffusion_model
         adapters = {}
         for path in modules:

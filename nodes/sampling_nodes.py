@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sliders_core.config import parse_numbers
 from ..sliders_core.inference import grid_image
 from .apply_nodes import ALPHA_INPUT
 from .common import CATEGORY, SLIDER, SliderFile, check_alpha, pil_to_image
@@ -61,16 +62,9 @@ def scheduled_patcher(model, slider: SliderFile):
     return patcher, set_schedule
 
 
-def parse_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError as exc:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from exc
-
-
 def delayed_schedule(alpha: float, start_step: int, steps: int, alpha_schedule: str = "") -> list[float]:
     if alpha_schedule.strip():
-        values = [check_alpha(a) for a in parse_floats(alpha_schedule, "alpha_schedule")]
+        values = [check_alpha(a) for a in parse_numbers(alpha_schedule, "alpha_schedule")]
         if len(values) != steps:
             raise ValueError(f"alpha_schedule has {len(values)} values for {steps} steps; give one per step")
         return values
@@ -140,7 +134,7 @@ class SliderSweep:
 
         import nodes
 
-        values = [check_alpha(a) for a in parse_floats(alphas, "alphas")]
+        values = [check_alpha(a) for a in parse_numbers(alphas, "alphas")]
         if not values:
             raise ValueError("alphas is empty: give comma-separated strengths such as -2, -1, 0, 1, 2")
         patcher, set_schedule = scheduled_patcher(model, slider)

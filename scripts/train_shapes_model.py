@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--empty-prob", type=float, default=0.1, help="empty caption, for CFG")
     p.add_argument("--noisy-fraction", type=float, default=0.5, help="share of each batch with t >= --noisy-min-t")
     p.add_argument("--noisy-min-t", type=int, default=250)
+    p.add_argument("--noisy-max-t", type=int, default=1000, help="upper end (exclusive) of that band")
     p.add_argument("--max-weight", type=float, default=25.0,
                    help="cap of the 1/alpha_bar(t) loss weight (1: plain eps-MSE)")
     p.add_argument("--late-max-weight", type=float, default=5.0, help="the cap from --late-from on")
@@ -71,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=SHAPES_MODEL_DIR)
     p.add_argument("--work-dir", type=Path, default=Path(__file__).resolve().parents[1] / "out" / "shapes-train")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from a shapes model folder's weights (fine-tuning) instead of random ones")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--eval-minutes", type=float, default=10.0, help="quick accuracy check (0: never)")
     p.add_argument("--log-every", type=int, default=50)
@@ -123,6 +127,10 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     pipe = build_pipeline(args.seed)
     unet, text_encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
+    base_training = None
+    if args.init_from is not None:
+        base_training = load_weights_into(pipe, args.init_from)
+        print(f"initialised from {args.init_from}", flush=True)
     modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = copy.deepcopy(modules).requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -161,7 +169,7 @@ def main(argv=None) -> None:
         gen = torch.Generator().manual_seed(args.seed * 7919 + step)
         noise = torch.randn(x0.shape, generator=gen)
         noisy = torch.rand(args.batch, generator=gen) < args.noisy_fraction
-        t = torch.where(noisy, torch.randint(args.noisy_min_t, 1000, (args.batch,), generator=gen),
+        t = torch.where(noisy, torch.randint(args.noisy_min_t, args.noisy_max_t, (args.batch,), generator=gen),
                         torch.randint(0, 1000, (args.batch,), generator=gen))
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -223,9 +231,25 @@ def main(argv=None) -> None:
     meta = {"training": {**{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "resume")},
                          "steps_budget": args.steps, "steps": step, "images": step * args.batch,
                          "minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads()}}
+    if args.init_from is not None:
+        meta["training"]["init_from"] = str(args.init_from.name)
+        meta["base_training"] = base_training
     folder = save_shapes_pipeline(args.out, pipe, fp16=args.fp16, metadata=meta)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.2f} MB)", flush=True)
+
+
+def load_weights_into(pipe, folder: Path):
+    """Copy a saved shapes model's UNet and text-encoder weights into ``pipe`` (same architecture).
+    Returns that model's recorded training settings (chained into the new metadata)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    pipe.unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict())
+    pipe.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").state_dict())
+    info = json.loads((folder / "sliders_model.json").read_text()) if (folder / "sliders_model.json").is_file() else {}
+    return {k: v for k, v in info.items() if k in ("training", "base_training")} or None
 
 
 def _eval_ema(pipe, modules, ema, seed):

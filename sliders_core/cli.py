@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import LAYER_PRESETS, TrainConfig
+from .config import LAYER_PRESETS, TrainConfig, parse_numbers
 from .errors import SliderError, TrainingDivergedError
 from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
@@ -110,15 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise SliderError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in _floats(text)]
+def _ints(text: str, what: str = "seeds") -> list[int]:
+    return [int(v) for v in parse_numbers(text, what)]
 
 
 def _sampling(denoiser, steps: int | None = None, guidance: float | None = None) -> dict:
@@ -199,7 +192,7 @@ def cmd_sweep(args) -> dict:
     for text in args.others:
         spec = SliderSpec.parse(text)
         others[attach_slider_file(denoiser, spec.path)] = spec.alpha
-    alphas = _floats(args.alphas)
+    alphas = parse_numbers(args.alphas, "--alphas")
     columns = sweep(denoiser, args.prompt, main, alphas, seeds=_ints(args.seeds), others=others,
                     resolution=args.resolution, start=args.start, progress=True,
                     **_sampling(denoiser, args.steps, args.guidance))

@@ -101,3 +101,15 @@ def check_eta(eta: float) -> float:
     if eta > MAX_ETA:
         raise SliderError(f"η = {eta} is absurdly large (max {MAX_ETA}); the reference uses 1–4")
     return float(eta)
+
+
+def parse_numbers(text: str, what: str = "value") -> list[float]:
+    """"-2, -1, 0, 1, 2" → floats. Commas or semicolons separate; empty items are skipped; NaN and
+    infinities are refused (an α of NaN would blank the image without saying why)."""
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError as exc:
+        raise SliderError(f"{what} must be comma-separated numbers such as '-2, 0, 2', got {text!r}") from exc
+    if not all(math.isfinite(v) for v in values):
+        raise SliderError(f"{what} must be finite numbers, got {text!r}")
+    return values

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import SliderError
 
 META_FAMILY = "sliders.base_family"
 
@@ -37,3 +40,19 @@ class SliderWeights:
     @property
     def family(self) -> str | None:
         return self.metadata.get(META_FAMILY)
+
+
+def modules_to_attach(name: str, attached: Collection[str], weights: SliderWeights | None,
+                      modules: Sequence[str], known: Collection[str]) -> list[str]:
+    """The module paths a new slider ``name`` covers (from its weights, else ``modules``), checked the same
+    way by every backend: a fresh name, at least one module, and only modules this model can take."""
+    if name in attached:
+        raise SliderError(f"a slider named {name!r} is already attached; remove it or pick another name")
+    paths = list(weights.modules) if weights is not None else list(modules)
+    if not paths:
+        raise SliderError("a slider needs at least one target module")
+    missing = [p for p in paths if p not in known]
+    if missing:
+        raise SliderError(f"the slider names modules this model does not have or cannot adapt, e.g. {missing[:3]}; "
+                          "it was probably made for another model family")
+    return paths

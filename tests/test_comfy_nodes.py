@@ -96,6 +96,22 @@ def test_denoiser_predicts_eps_from_the_hosts_denoised_output():
     assert torch.allclose(eps, (x - x0) / sigma.view(-1, 1, 1, 1), atol=1e-5)
 
 
+def test_comfy_sampler_takes_one_unconditional_per_step_for_null_text_inversion():
+    from concept_sliders_pack.sliders_core.errors import SliderError
+
+    denoiser = ComfyDenoiser(comfy_support.tiny_sd15_patcher(), FakeClip())
+    cond, uncond, other = denoiser.encode(["a cat"]), denoiser.encode([""]), denoiser.encode(["a dog"])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = denoiser.sample(cond, uncond, guidance=5.0, steps=4, noise=noise).final
+        per_step = denoiser.sample(cond, [uncond] * 4, guidance=5.0, steps=4, noise=noise).final
+        changed = denoiser.sample(cond, [uncond] * 3 + [other], guidance=5.0, steps=4, noise=noise).final
+    assert torch.equal(one, per_step)
+    assert not torch.allclose(one, changed)  # the last step's unconditional is really the one used
+    with pytest.raises(SliderError, match="3 unconditional embeddings for 4 steps"):
+        denoiser.sample(cond, [uncond] * 3, guidance=5.0, steps=4, noise=noise)
+
+
 def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(loras):
     patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
     slider, plot = train(patcher, clip, iterations=8)

@@ -1,6 +1,6 @@
 import pytest
 
-from sliders_core.config import TrainConfig
+from sliders_core.config import TrainConfig, parse_numbers
 from sliders_core.errors import SliderError
 from sliders_core.prompts import PromptPair, compose, load_prompt_set, pair_from_dict
 
@@ -94,3 +94,13 @@ def test_empty_and_invalid_files(tmp_path):
 def test_bad_train_config_values(field, value, message):
     with pytest.raises(SliderError, match=message):
         TrainConfig(**{field: value}).validate()
+
+
+def test_number_lists_parse_for_cli_and_nodes_alike():
+    assert parse_numbers("-2, -1,0 ;1, 2.5,") == [-2.0, -1.0, 0.0, 1.0, 2.5]
+    assert parse_numbers("  ") == []
+    with pytest.raises(SliderError, match="alphas must be comma-separated"):
+        parse_numbers("1, big", "alphas")
+    for bad in ("nan", "1, inf", "-inf"):
+        with pytest.raises(SliderError, match="finite"):
+            parse_numbers(bad)

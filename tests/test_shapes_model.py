@@ -10,7 +10,7 @@ from sliders_core.inference import generate
 from sliders_core.prompts import PromptPair
 from sliders_core.shapes.data import COLORS, SHAPES, SIZES
 from sliders_core.shapes.metrics import attribute_accuracy, measure_batch
-from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR
+from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR, sample_images
 from sliders_core.text_slider import train_text_slider
 
 RENDER = dict(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, resolution=32)
@@ -24,6 +24,22 @@ def shapes():
 def test_shipped_model_loads_offline_with_its_family(shapes):
     assert shapes.family == "shapes" and shapes.default_resolution == 32 and shapes.vae is None
     assert shapes.sample_defaults.get("steps", DEFAULT_STEPS) == DEFAULT_STEPS
+
+
+def test_batched_sampler_of_the_training_script_is_the_backends_sampler(shapes):
+    seeds = [3, 4, 5]
+    plain = generate(shapes, "a red circle", scales={}, seeds=seeds, steps=8, guidance=4.0, resolution=32)
+    unet = shapes.unet
+    unet.conv_in.weight.requires_grad_(True)  # as in training: the flags survive sampling
+    try:
+        batched = sample_images(shapes.pipe, ["a red circle"] * 3, seeds, steps=8, guidance=4.0)
+        assert unet.conv_in.weight.requires_grad and not unet.conv_out.weight.requires_grad
+    finally:
+        unet.conv_in.weight.requires_grad_(False)
+    torch.testing.assert_close(batched, plain, rtol=0, atol=1e-6)
+    mixed = sample_images(shapes.pipe, ["a red circle", "a blue square", "a red circle"], seeds, steps=8, guidance=4.0)
+    torch.testing.assert_close(mixed[0], batched[0], rtol=0, atol=1e-5)  # other prompts in the batch do not leak in
+    assert not torch.allclose(mixed[1], batched[1], atol=1e-2)  # the second prompt really differs
 
 
 def test_prompt_accuracy_stays_above_a_floor(shapes):

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..config import classify_unet_module
 from ..errors import SliderError
-from ..slider_weights import LoraModule, SliderWeights
+from ..slider_weights import LoraModule, SliderWeights, modules_to_attach
 
 
 class PeftSliderHost:
@@ -35,22 +35,15 @@ class PeftSliderHost:
 
     def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
             rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
-        if name in self._names:
-            raise SliderError(f"a slider named {name!r} is already attached")
-        if not name.isidentifier():
+        modules = modules_to_attach(name, self._names, weights, modules, self._candidates)
+        if not name.isidentifier():  # peft adapter names become attribute names
             raise SliderError(f"slider adapter name {name!r} must be an identifier")
         if weights is not None:
-            modules = list(weights.modules)
             ranks = {p: m.rank for p, m in weights.modules.items()}
             alphas = {p: m.alpha for p, m in weights.modules.items()}
             rank, alpha = ranks[modules[0]], alphas[modules[0]]
         else:
             ranks, alphas = {}, {}
-        missing = [m for m in modules if m not in self._candidates]
-        if missing:
-            raise SliderError(f"modules not in this UNet or not LoRA targets: {missing[:3]}")
-        if not modules:
-            raise SliderError("a slider needs at least one target module")
         config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(modules), init_lora_weights=True,
             # exact module paths as patterns, so varying ranks of foreign files load as they are

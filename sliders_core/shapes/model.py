@@ -148,33 +148,24 @@ def save_shapes_pipeline(folder: str | Path, pipe: StableDiffusionPipeline | Non
 def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
                   batch: int = 64) -> torch.Tensor:
-    """Images [N, H, W, 3] in 0..1, one per (prompt, seed), straight from the components (works on a
-    model in training, where the backend's denoiser would freeze it). Initial noise per seed is the
-    backend's (``torch.randn`` from ``Generator().manual_seed(seed)``); the DDPM step noise comes from
-    a generator seeded with the first seed of each batch, so results are repeatable."""
-    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    """Images [N, H, W, 3] in 0..1, one per (prompt, seed), many prompts per batch, through the
+    backend's own sampler (initial noise per seed, step noise from the first seed of each batch).
+    Usable on a model in training: the backend freezes what it wraps, so the flags are put back."""
+    from ..backends.diffusers_backend import DiffusersDenoiser
 
-    def encode(texts):
-        ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids
-        return text_encoder(ids.to(unet.device))[0].to(unet.dtype)
-
-    side = int(unet.config.sample_size)
-    out = []
-    for start in range(0, len(prompts), batch):
-        chunk, chunk_seeds = prompts[start:start + batch], seeds[start:start + batch]
-        cond, uncond = encode(chunk), encode([""]).expand(len(chunk), -1, -1)
-        x = torch.cat([torch.randn((1, unet.config.in_channels, side, side),
-                                   generator=torch.Generator().manual_seed(s)) for s in chunk_seeds])
-        x = x.to(unet.device, unet.dtype)
-        scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(steps)
-        generator = torch.Generator().manual_seed(chunk_seeds[0])
-        for t in scheduler.timesteps:
-            level = t.expand(2 * len(chunk)).to(unet.device)
-            eps_u, eps_c = unet(torch.cat([x, x]), level, encoder_hidden_states=torch.cat([uncond, cond])
-                                ).sample.float().chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
-        out.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+    params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
+    trainable = [p.requires_grad for p in params]
+    try:
+        denoiser = DiffusersDenoiser(pipe, family=FAMILY)
+        uncond, out = denoiser.encode([""]), []
+        for start in range(0, len(prompts), batch):
+            chunk, chunk_seeds = prompts[start:start + batch], seeds[start:start + batch]
+            noise = torch.cat([denoiser.initial_noise(1, denoiser.default_resolution, torch.Generator().manual_seed(s))
+                               for s in chunk_seeds])
+            trajectory = denoiser.sample(denoiser.encode(chunk), uncond, guidance=guidance, steps=steps, noise=noise,
+                                         generator=torch.Generator().manual_seed(chunk_seeds[0]))
+            out.append(denoiser.decode(trajectory.final))
+    finally:
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
     return torch.cat(out)
