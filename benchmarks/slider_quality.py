@@ -120,8 +120,9 @@ def main() -> None:
         "size−2 & colour−2": compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": -2.0, "colour": -2.0},
                                                       **render)), base),
     }
-    delayed = {start: compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": 2.0}, start=start, **render)),
-                              base) for start in (0.0, 0.2, 0.4)}
+    delayed = {(alpha, start): compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": alpha}, start=start,
+                                                        **render)), base)
+               for alpha in (2.0, -2.0) for start in (0.0, 0.2, 0.4)}
     write_report(args, results, prompted, combos, delayed, base, train_seconds, ref_iterations,
                  time.perf_counter() - started)
 
@@ -151,10 +152,11 @@ def write_report(args, results, prompted, combos, delayed, base, train_seconds, 
     for label, r in combos.items():
         lines.append(f"| {label} | {r['area']:.3f} | {r['redness']:.3f} | {r['colour_same']:.0%} | "
                      f"{r['shape_same']:.0%} | {r['pixel_l1']:.3f} |")
-    lines += ["", "## Delayed LoRA (size α = +2, slider switched on after a fraction of the steps)", "",
-              "| start | area | shape same | colour same | centroid shift px | pixel L1 |", "|---|---|---|---|---|---|"]
-    for start, r in delayed.items():
-        lines.append(f"| {start:.0%} | {r['area']:.3f} | {r['shape_same']:.0%} | {r['colour_same']:.0%} | "
+    lines += ["", "## Delayed LoRA (size slider, switched on after a fraction of the steps)", "",
+              "| size α | start | area | shape same | colour same | centroid shift px | pixel L1 |",
+              "|---|---|---|---|---|---|---|"]
+    for (alpha, start), r in delayed.items():
+        lines.append(f"| {alpha:+g} | {start:.0%} | {r['area']:.3f} | {r['shape_same']:.0%} | {r['colour_same']:.0%} | "
                      f"{r['centroid_shift_px']:.2f} | {r['pixel_l1']:.3f} |")
     lines += ["", "## Training cost", "", "| slider | seconds | iterations |", "|---|---|---|"]
     for name, seconds in train_seconds.items():
@@ -165,7 +167,7 @@ def write_report(args, results, prompted, combos, delayed, base, train_seconds, 
     (args.out / "slider_quality.md").write_text(report)
     (args.out / "slider_quality.json").write_text(json.dumps(
         {"results": {k: {str(a): r for a, r in v.items()} for k, v in results.items()}, "prompted": prompted,
-         "composition": combos, "delayed": {str(k): v for k, v in delayed.items()}}, indent=1))
+         "composition": combos, "delayed": {f"alpha={a:+g},start={st}": v for (a, st), v in delayed.items()}}, indent=1))
     plot = line_plot({name: (list(rows), [r["area"] for r in rows.values()]) for name, rows in results.items()},
                      "mean shape area vs slider strength", "alpha", "area fraction")
     plot.save(args.out / "slider_quality.png")
