@@ -56,6 +56,7 @@ def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
     return {
         "area": np.array([m.area_fraction for m in ms]),
         "color": np.array([m.color for m in ms]),
+        "size": np.array([m.size for m in ms]),
         "shape": np.array([m.shape for m in ms]),
         "centroid": np.array([[m.cx, m.cy] for m in ms]) * array.shape[1],  # pixels
         "redness": np.array([m.mean_rgb[0] - m.mean_rgb[2] if m.area_fraction > 0 else np.nan for m in ms]),
@@ -120,14 +121,22 @@ def main() -> None:
         "size−2 & colour−2": compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": -2.0, "colour": -2.0},
                                                       **render)), base),
     }
+    # The attribute the prompt names should survive a slider for another attribute.
+    held = {}
+    for name, prompt in (("size", "a blue circle"), ("size-abl", "a blue circle"), ("colour", "a large circle")):
+        held_base = measure(generate(denoiser, prompt, scales={}, **render))
+        for a in (-1.0, 0.0, 1.0):
+            m = held_base if a == 0 else measure(generate(denoiser, prompt, scales={adapter[name]: a}, **render))
+            held[(name, prompt, a)] = {**compare(m, held_base), "blue": float(np.mean(m["color"] == "blue")),
+                                       "large": float(np.mean(m["size"] == "large"))}
     delayed = {(alpha, start): compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": alpha}, start=start,
                                                         **render)), base)
                for alpha in (2.0, -2.0) for start in (0.0, 0.2, 0.4)}
-    write_report(args, results, prompted, combos, delayed, base, train_seconds, ref_iterations,
+    write_report(args, results, prompted, combos, held, delayed, base, train_seconds, ref_iterations,
                  time.perf_counter() - started)
 
 
-def write_report(args, results, prompted, combos, delayed, base, train_seconds, ref_iterations, total) -> None:
+def write_report(args, results, prompted, combos, held, delayed, base, train_seconds, ref_iterations, total) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Slider quality on the shapes model ({args.seeds} seeds, eval prompt \"{EVAL_PROMPT}\", "
              f"{args.steps} steps, CFG {args.guidance}, {args.iterations} training iterations, "
@@ -152,6 +161,12 @@ def write_report(args, results, prompted, combos, delayed, base, train_seconds, 
     for label, r in combos.items():
         lines.append(f"| {label} | {r['area']:.3f} | {r['redness']:.3f} | {r['colour_same']:.0%} | "
                      f"{r['shape_same']:.0%} | {r['pixel_l1']:.3f} |")
+    lines += ["", "## The prompted attribute held (a slider for another attribute on a prompt that names one)", "",
+              "| slider | prompt | α | area | blue | large | shape same | pixel L1 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (name, prompt, a), r in held.items():
+        lines.append(f"| {name} | {prompt} | {a:+g} | {r['area']:.3f} | {r['blue']:.0%} | {r['large']:.0%} | "
+                     f"{r['shape_same']:.0%} | {r['pixel_l1']:.3f} |")
     lines += ["", "## Delayed LoRA (size slider, switched on after a fraction of the steps)", "",
               "| size α | start | area | shape same | colour same | centroid shift px | pixel L1 |",
               "|---|---|---|---|---|---|---|"]
@@ -167,7 +182,8 @@ def write_report(args, results, prompted, combos, delayed, base, train_seconds, 
     (args.out / "slider_quality.md").write_text(report)
     (args.out / "slider_quality.json").write_text(json.dumps(
         {"results": {k: {str(a): r for a, r in v.items()} for k, v in results.items()}, "prompted": prompted,
-         "composition": combos, "delayed": {f"alpha={a:+g},start={st}": v for (a, st), v in delayed.items()}}, indent=1))
+         "composition": combos,
+         "held": {f"{n}|{q}|{a:+g}": v for (n, q, a), v in held.items()}, "delayed": {f"alpha={a:+g},start={st}": v for (a, st), v in delayed.items()}}, indent=1))
     plot = line_plot({name: (list(rows), [r["area"] for r in rows.values()]) for name, rows in results.items()},
                      "mean shape area vs slider strength", "alpha", "area fraction")
     plot.save(args.out / "slider_quality.png")

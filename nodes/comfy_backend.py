@@ -234,6 +234,19 @@ class ComfyDenoiser:
         channels = self.model.latent_format.latent_channels
         return torch.randn((batch, channels, resolution // 8, resolution // 8), generator=generator)
 
+    # -- training on given images: the host's own noise schedule and noising ----------------------
+    def random_levels(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        timesteps = torch.rand(batch, generator=generator) * 999  # ComfyUI's timestep range for every family
+        return self.model.model_sampling.sigma(timesteps).float()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return self.model.model_sampling.noise_scaling(level.float(), noise.float(), x0.float())
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        # predict() returns (x_t − x0)/σ for every parameterisation: noise for ε/v models, noise − x0 for flows
+        x_t = self.add_noise(x0, noise, level)
+        return (x_t - x0.float()) / level.float().view(-1, *[1] * (x0.dim() - 1))
+
     @torch.no_grad()
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None, record: bool = False,

@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap of the 1/alpha_bar(t) loss weight (1: plain eps-MSE)")
     p.add_argument("--late-max-weight", type=float, default=5.0, help="the cap from --late-from on")
     p.add_argument("--late-from", type=float, default=0.6, help="training progress (0..1) of the cap change")
+    p.add_argument("--late-noisy-band", type=int, nargs=2, metavar=("MIN_T", "MAX_T"), default=None,
+                   help="from --late-from on, draw the noisy share of each batch from this band instead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=SHAPES_MODEL_DIR)
@@ -178,7 +180,9 @@ def main(argv=None) -> None:
         gen = torch.Generator().manual_seed(args.seed * 7919 + step)
         noise = torch.randn(x0.shape, generator=gen)
         noisy = torch.rand(args.batch, generator=gen) < args.noisy_fraction
-        t = torch.where(noisy, torch.randint(args.noisy_min_t, args.noisy_max_t, (args.batch,), generator=gen),
+        late = progress >= args.late_from
+        band = args.late_noisy_band if late and args.late_noisy_band else (args.noisy_min_t, args.noisy_max_t)
+        t = torch.where(noisy, torch.randint(band[0], band[1], (args.batch,), generator=gen),
                         torch.randint(0, 1000, (args.batch,), generator=gen))
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -195,7 +199,7 @@ def main(argv=None) -> None:
         # Late in training the cap drops (--late-max-weight): the colour/size/layout conditioning is
         # learned by then, and shape (decided at mid noise, readable from edges) needs the lower and
         # middle timesteps back: with the cap at 25 all the way, shape stayed at chance.
-        cap = args.late_max_weight if progress >= args.late_from else args.max_weight
+        cap = args.late_max_weight if late else args.max_weight
         weight = (1 / a.view(-1)).clamp(max=cap) if cap > 1 else torch.ones_like(per_image)
         loss = (weight * per_image).sum() / weight.sum()
         optimizer.zero_grad(set_to_none=True)

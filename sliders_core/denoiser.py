@@ -6,7 +6,9 @@ to it. The algorithms only
 - `predict` the model's native output for a batch of (x_t, noise level, condition),
 - `sample` with classifier-free guidance (optionally a different unconditional per step — null-text
   inversion — and a per-step slider scale — delayed LoRA), recording the trajectory,
-- attach, scale, switch off and export sliders through `SliderHost`.
+- attach, scale, switch off and export sliders through `SliderHost`,
+- noise given latents at a training level and name the output a perfect model would give there
+  (training on images: image-pair sliders, SliderSpace).
 
 Noise levels are opaque to the core (diffusers timesteps, ComfyUI sigmas, flow times): the core
 only hands back the levels a backend gave it, so the latent is always trained at the level it
@@ -97,6 +99,16 @@ class Denoiser(Protocol):
         """Native model output for a batch; `level` has one entry per sample."""
 
     def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    # -- training on given images (image-pair sliders, SliderSpace) --------------------------------
+    def random_levels(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training noise levels, uniform over the model's training schedule, in the backend's units."""
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Clean latents → the model input x_t at `level` (the space `predict` and trajectories use)."""
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """What `predict(add_noise(x0, noise, level), level, c)` returns for a perfect model."""
 
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,

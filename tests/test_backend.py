@@ -117,3 +117,28 @@ def test_family_detection_of_standard_layouts():
                               addition_embed_type="text_time"), True) == "sdxl"
     assert detect_family(unet(block_out_channels=(32, 64)), False).startswith("sd-custom")
     assert DiffusersDenoiser(tiny_sd1_pipeline()).family.startswith("sd-custom")
+
+
+def test_training_on_images_noises_and_targets_like_the_scheduler(sd1):
+    from diffusers import DDPMScheduler
+
+    from sliders_core.denoiser import Denoiser, SliderHost
+
+    assert isinstance(sd1, Denoiser) and isinstance(sd1.sliders, SliderHost)  # the whole interface
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    level = sd1.random_levels(3, torch.Generator().manual_seed(1))
+    assert level.shape == (3,) and int(level.min()) >= 0 and int(level.max()) < 1000
+    assert torch.equal(level, sd1.random_levels(3, torch.Generator().manual_seed(1)))
+    reference = DDPMScheduler.from_config(sd1.pipe.scheduler.config)
+    torch.testing.assert_close(sd1.add_noise(x0, noise, level), reference.add_noise(x0, noise, level))
+    assert torch.equal(sd1.training_target(x0, noise, level), noise)  # an ε model
+    config = sd1.pipe.scheduler.config
+    try:  # a v model: x0 = √ᾱ x_t − √(1−ᾱ) v
+        sd1.pipe.scheduler.register_to_config(prediction_type="v_prediction")
+        a = reference.alphas_cumprod[level].view(-1, 1, 1, 1)
+        v = sd1.training_target(x0, noise, level)
+        torch.testing.assert_close(a.sqrt() * sd1.add_noise(x0, noise, level) - (1 - a).sqrt() * v, x0)
+    finally:
+        sd1.pipe.scheduler.register_to_config(prediction_type=config["prediction_type"])

@@ -112,6 +112,23 @@ def test_comfy_sampler_takes_one_unconditional_per_step_for_null_text_inversion(
         denoiser.sample(cond, [uncond] * 3, guidance=5.0, steps=4, noise=noise)
 
 
+def test_comfy_training_on_images_uses_the_hosts_noise_schedule():
+    patcher = comfy_support.tiny_sd15_patcher()
+    denoiser = ComfyDenoiser(patcher, FakeClip())
+    from concept_sliders_pack.sliders_core.denoiser import Denoiser, SliderHost
+
+    assert isinstance(denoiser, Denoiser) and isinstance(denoiser.sliders, SliderHost)  # the whole interface
+    sampling = patcher.model.model_sampling
+    level = denoiser.random_levels(4, torch.Generator().manual_seed(0))
+    assert torch.equal(level, denoiser.random_levels(4, torch.Generator().manual_seed(0)))
+    assert float(level.min()) >= float(sampling.sigma_min) and float(level.max()) <= float(sampling.sigma_max)
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    x_t = denoiser.add_noise(x0, noise, level)
+    torch.testing.assert_close(x_t, x0 + level.view(-1, 1, 1, 1) * noise)  # k-diffusion form of an ε model
+    torch.testing.assert_close(denoiser.training_target(x0, noise, level), noise)
+
+
 def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(loras):
     patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
     slider, plot = train(patcher, clip, iterations=8)

@@ -68,3 +68,18 @@ def test_a_short_size_slider_training_moves_size_the_right_way(shapes):
 
     small, large = mean_area(-2.0), mean_area(2.0)
     assert large > small + 0.03, (small, large)
+
+
+def test_noising_convention_matches_what_the_shipped_model_learned(shapes):
+    from sliders_core.shapes.data import make_dataset
+
+    images, _, _ = make_dataset(8, seed=3)
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # the model's pixel space
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    level = torch.full((8,), 300)
+    x_t = shapes.add_noise(x0, noise, level)
+    with torch.no_grad():
+        out = shapes.predict(x_t, level, shapes.encode(["a circle"] * 8))
+    target = shapes.training_target(x0, noise, level)
+    # a trained model predicts its training target far better than chance (a wrong convention would not)
+    assert ((out - target) ** 2).mean() < 0.1 * (target ** 2).mean()

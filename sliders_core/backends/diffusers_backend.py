@@ -130,6 +130,35 @@ class DiffusersDenoiser:
         shape = (batch, self.unet.config.in_channels, side, side)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
+    # -- training on given images ----------------------------------------------------------------
+    # Discrete-time (DDPM-family) models: the UNet input is the variance-preserving x_t at timestep t
+    # whatever sampler is used (scale_model_input maps Euler's σ-space back to it).
+    def _alpha_bar(self, level: torch.Tensor) -> torch.Tensor:
+        alphas = getattr(self.pipe.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise SliderError(f"{type(self.pipe.scheduler).__name__} has no discrete noise schedule; "
+                              "training on images needs a DDPM-family scheduler")
+        return alphas.to(self.device)[level.long().to(self.device)].float().view(-1, 1, 1, 1)
+
+    def random_levels(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        steps = int(self.pipe.scheduler.config.num_train_timesteps)
+        return torch.randint(0, steps, (batch,), generator=generator).to(self.device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        a = self._alpha_bar(level)
+        return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        kind = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if kind == "epsilon":
+            return noise.float()
+        if kind == "v_prediction":
+            a = self._alpha_bar(level)
+            return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
+        if kind == "sample":
+            return x0.float()
+        raise SliderError(f"unknown prediction_type {kind!r}")
+
     def new_scheduler(self, steps: int) -> SchedulerMixin:
         scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)
