@@ -64,6 +64,12 @@ def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+def measure_alphas(denoiser, prompt: str, slider: str, alphas, base: dict, render: dict) -> dict[float, dict]:
+    """Measurements of `prompt` per α of `slider`. α = 0 is the base model (scale 0 = LoRA off), so the
+    given base measurements of the same prompt and seeds stand in for it."""
+    return {a: base if a == 0 else measure(generate(denoiser, prompt, scales={slider: a}, **render)) for a in alphas}
+
+
 def compare(m: dict, base: dict) -> dict[str, float]:
     """Change of every attribute against the α = 0 images of the same seeds."""
     return {
@@ -107,10 +113,8 @@ def main() -> None:
     base = measure(generate(denoiser, EVAL_PROMPT, scales={}, **render))
     results: dict[str, dict[float, dict[str, float]]] = {}
     for name in ("size", "size-abl", "size-ref", "colour"):
-        # α = 0 is the base model for every slider (scale 0 = LoRA off): reuse those images
-        results[name] = {a: compare(base if a == 0 else
-                                    measure(generate(denoiser, EVAL_PROMPT, scales={adapter[name]: a}, **render)), base)
-                         for a in ALPHAS}
+        results[name] = {a: compare(m, base) for a, m in
+                         measure_alphas(denoiser, EVAL_PROMPT, adapter[name], ALPHAS, base, render).items()}
     prompted = {word: compare(measure(generate(denoiser, f"a {word} circle", scales={}, **render)), base)
                 for word in ("small", "large", "red", "blue")}
     combos = {
@@ -125,8 +129,7 @@ def main() -> None:
     held = {}
     for name, prompt in (("size", "a blue circle"), ("size-abl", "a blue circle"), ("colour", "a large circle")):
         held_base = measure(generate(denoiser, prompt, scales={}, **render))
-        for a in (-1.0, 0.0, 1.0):
-            m = held_base if a == 0 else measure(generate(denoiser, prompt, scales={adapter[name]: a}, **render))
+        for a, m in measure_alphas(denoiser, prompt, adapter[name], (-1.0, 0.0, 1.0), held_base, render).items():
             held[(name, prompt, a)] = {**compare(m, held_base), "blue": float(np.mean(m["color"] == "blue")),
                                        "large": float(np.mean(m["size"] == "large"))}
     delayed = {(alpha, start): compare(measure(generate(denoiser, EVAL_PROMPT, scales={"size": alpha}, start=start,
@@ -182,8 +185,8 @@ def write_report(args, results, prompted, combos, held, delayed, base, train_sec
     (args.out / "slider_quality.md").write_text(report)
     (args.out / "slider_quality.json").write_text(json.dumps(
         {"results": {k: {str(a): r for a, r in v.items()} for k, v in results.items()}, "prompted": prompted,
-         "composition": combos,
-         "held": {f"{n}|{q}|{a:+g}": v for (n, q, a), v in held.items()}, "delayed": {f"alpha={a:+g},start={st}": v for (a, st), v in delayed.items()}}, indent=1))
+         "composition": combos, "held": {f"{n}|{q}|{a:+g}": v for (n, q, a), v in held.items()},
+         "delayed": {f"alpha={a:+g},start={st}": v for (a, st), v in delayed.items()}}, indent=1))
     plot = line_plot({name: (list(rows), [r["area"] for r in rows.values()]) for name, rows in results.items()},
                      "mean shape area vs slider strength", "alpha", "area fraction")
     plot.save(args.out / "slider_quality.png")
