@@ -47,7 +47,7 @@ def module_names(patcher) -> dict[str, str]:
             continue
         path, ldm = diffusers_param[: -len(".weight")], ldm_param[: -len(".weight")]
         module = modules.get(ldm)
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and classify_unet_module(path):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             names[path] = ldm
     return names
 
@@ -79,12 +79,13 @@ class ComfySliderHost:
     def __init__(self, patcher, names: dict[str, str]):
         self.patcher = patcher
         self.names_map = names
+        self._kinds = {p: classify_unet_module(p) for p in names}
         self.scales: dict[str, float] = {}
         self._adapters: dict[str, dict[str, SliderDiff]] = {}
         self._trainable: set[str] = set()
 
     def lora_candidates(self) -> dict[str, str]:
-        return {p: classify_unet_module(p) for p in self.names_map}
+        return dict(self._kinds)
 
     def names(self) -> list[str]:
         return list(self._adapters)
@@ -177,7 +178,9 @@ class ComfyDenoiser:
         self.family = model_family(self.patcher)
         names = module_names(self.patcher)
         self.sliders = ComfySliderHost(self.patcher, names)
-        self.naming = UnetNaming(names, ldm_names=names)
+        diffusion_model = self.model.diffusion_model
+        shapes = {path: tuple(diffusion_model.get_submodule(ldm).weight.shape) for path, ldm in names.items()}
+        self.naming = UnetNaming(names, ldm_names=names, weight_shapes=shapes)
         self.default_resolution = _NATIVE_RESOLUTION.get(self.family, 512)
         self.forward_count = 0
 

@@ -5,44 +5,122 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import SliderError
 
-# Which UNet layers carry the slider's LoRA. Each preset is a set of layer kinds; a backend labels
-# every candidate module with one kind (see `backends.*.lora_candidates`).
-#   attn     : self- and cross-attention projections (to_q/k/v/out)
-#   noxattn  : everything in transformer and resnet blocks except cross-attention (reference default)
-#   xattn    : cross-attention projections only
-#   xattn_kv : cross-attention keys and values only (SliderSpace)
-#   all      : every Linear/Conv in transformer and resnet blocks
-LAYER_KINDS = ("self_attn", "cross_attn_q_out", "cross_attn_kv", "transformer_other", "resnet")
-LAYER_PRESETS: dict[str, frozenset[str]] = {
-    "attn": frozenset({"self_attn", "cross_attn_q_out", "cross_attn_kv"}),
-    "noxattn": frozenset({"self_attn", "transformer_other", "resnet"}),
-    "xattn": frozenset({"cross_attn_q_out", "cross_attn_kv"}),
-    "xattn_kv": frozenset({"cross_attn_kv"}),
-    "all": frozenset(LAYER_KINDS),
-}
+# Which UNet layers carry the slider's LoRA. Every Linear/Conv2d of a UNet gets one layer kind from
+# its diffusers module path; a preset selects modules by path and kind.
+LAYER_KINDS = ("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out", "transformer_other",
+               "resnet", "sampler", "other")
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+_SAMPLER_CONV = (".downsamplers.0.conv", ".upsamplers.0.conv")
 
 
-def classify_unet_module(path: str) -> str | None:
-    """Layer kind of a diffusers UNet module path (see config.LAYER_KINDS), or None if not a target."""
-    if ".attentions." in path:
-        if ".attn1." in path and path.endswith(_ATTN_PROJ):
-            return "self_attn"
-        if ".attn2." in path and path.endswith(("to_k", "to_v")):
-            return "cross_attn_kv"
-        if ".attn2." in path and path.endswith(("to_q", "to_out.0")):
-            return "cross_attn_q_out"
-        if path.endswith(("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")):
-            return "transformer_other"
-        return None
+def classify_unet_module(path: str) -> str:
+    """Layer kind (LAYER_KINDS) of a Linear/Conv2d of a diffusers UNet, from its module path."""
+    if ".attn1." in path and path.endswith(_ATTN_PROJ):
+        return "self_attn"
+    if ".attn2." in path and path.endswith(_ATTN_PROJ):
+        return {"to_q": "cross_attn_q", "to_k": "cross_attn_kv", "to_v": "cross_attn_kv"}.get(
+            path.rsplit(".", 1)[-1], "cross_attn_out")
+    if ".attentions." in path and path.endswith(("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")):
+        return "transformer_other"
     if ".resnets." in path and path.endswith(("conv1", "conv2", "time_emb_proj", "conv_shortcut")):
         return "resnet"
+    if path.endswith(_SAMPLER_CONV):
+        return "sampler"
+    return "other"  # conv_in/out, time and class embeddings: loadable from files, never trained by a preset
+
+
+# -- the official sliders' training methods (trainscripts/textsliders/lora.py), restated as rules -----
+# The official LoRANetwork wraps every Linear/Conv2d inside modules of the classes `Attention` (network
+# "lierla") and, for "c3lier" (its default config), also `ResnetBlock2D`, `Downsample2D`, `Upsample2D`,
+# `DownBlock2D`, `UpBlock2D`. The training method filters on the *wrapping module's* path:
+#   noxattn: no "attn2" / "time_embed" in it; innoxattn: no "attn2"; selfattn: "attn1" in it;
+#   xattn: "attn2" in it; xattn-strict: as xattn, minus children with "out" in their name;
+#   full: everything; noxattn-hspace: noxattn inside "mid_block" only; noxattn-hspace-last: only the
+#   mid block's second resnet's conv2.
+OFFICIAL_METHODS = ("noxattn", "innoxattn", "selfattn", "xattn", "xattn-strict", "full",
+                    "noxattn-hspace", "noxattn-hspace-last")
+
+
+def _official_wrapper(path: str, kind: str) -> str | None:
+    """Path of the module the official code wraps around this layer (its Attention / ResnetBlock2D /
+    sampler), or None for layers it never wraps. (A DownBlock2D/UpBlock2D parent reaches the same
+    layers, and no method's filter tells the two paths apart.)"""
+    if kind in ("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out"):
+        marker = ".attn1." if ".attn1." in path else ".attn2."
+        return path[: path.index(marker) + len(marker) - 1]
+    if kind == "resnet":
+        return re.match(r"^(.*\.resnets\.\d+)\.", path).group(1)
+    if kind == "sampler":
+        return path.rsplit(".", 1)[0]
     return None
+
+
+def official_method_selects(method: str, path: str, kind: str, network: str = "c3lier") -> bool:
+    """Whether the official sliders trainer with this method and network type trains `path`."""
+    if method not in OFFICIAL_METHODS:
+        raise SliderError(f"unknown official training method {method!r}; expected one of {OFFICIAL_METHODS}")
+    wrapper = _official_wrapper(path, kind)
+    if wrapper is None or (network == "lierla" and kind in ("resnet", "sampler")):
+        return False
+    child = path[len(wrapper) + 1:]
+    if method in ("noxattn", "noxattn-hspace", "noxattn-hspace-last"):
+        keep = "attn2" not in wrapper and "time_embed" not in wrapper
+    elif method == "innoxattn":
+        keep = "attn2" not in wrapper
+    elif method == "selfattn":
+        keep = "attn1" in wrapper
+    elif method in ("xattn", "xattn-strict"):
+        keep = "attn2" in wrapper
+    else:  # full
+        keep = True
+    if method == "xattn-strict":
+        keep = keep and "out" not in child
+    if method == "noxattn-hspace":
+        keep = keep and "mid_block" in wrapper
+    if method == "noxattn-hspace-last":
+        keep = keep and "mid_block" in wrapper and ".1" in wrapper and "conv2" in child
+    return keep
+
+
+def _kinds(*kinds: str) -> Callable[[str, str], bool]:
+    return lambda path, kind: kind in kinds
+
+
+def _official(method: str) -> Callable[[str, str], bool]:
+    return lambda path, kind: official_method_selects(method, path, kind)
+
+
+# preset name → (selects(path, kind), one-line description). The official names select exactly the
+# official c3lier sets (the network type of its shipped configs); the others are ours.
+LAYER_PRESETS: dict[str, tuple[Callable[[str, str], bool], str]] = {
+    **{m: (_official(m), f"official '{m}' (c3lier network)") for m in OFFICIAL_METHODS},
+    "noxattn-ff": (_kinds("self_attn", "transformer_other", "resnet"),
+                   "ours: self-attention, transformer proj_in/proj_out/feed-forward and resnets, "
+                   "no cross-attention or sampler convs (this project's 'noxattn' before v0.2)"),
+    "attn": (_kinds("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out"),
+             "ours: self- and cross-attention projections"),
+    "xattn_kv": (_kinds("cross_attn_kv"), "ours: cross-attention keys and values (SliderSpace)"),
+    "all": (lambda path, kind: kind != "other",
+            "ours: every Linear/Conv2d of the transformer, resnet and sampler blocks"),
+}
+
+
+def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
+    """The candidate module paths (path → kind) a layer preset selects, sorted."""
+    if layers not in LAYER_PRESETS:
+        raise SliderError(f"layers must be one of {sorted(LAYER_PRESETS)}, got {layers!r}")
+    selects = LAYER_PRESETS[layers][0]
+    modules = sorted(p for p, kind in candidates.items() if selects(p, kind))
+    if not modules:
+        raise SliderError(f"the model has no modules for layers={layers!r}")
+    return modules
 
 
 MAX_ETA = 50.0  # the reference uses 1–4; beyond this the target is dominated by the η term

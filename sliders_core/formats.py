@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -139,10 +140,13 @@ class UnetNaming:
     """Resolves any key form of a module back to the model's diffusers module path."""
 
     def __init__(self, module_paths: Iterable[str], unet_config: Mapping[str, Any] | None = None,
-                 ldm_names: Mapping[str, str] | None = None):
+                 ldm_names: Mapping[str, str] | None = None,
+                 weight_shapes: Mapping[str, tuple[int, ...]] | None = None):
         """`ldm_names` (diffusers path → LDM path) comes from a host that knows it (ComfyUI);
-        otherwise it is derived from a diffusers `unet_config`."""
+        otherwise it is derived from a diffusers `unet_config`. `weight_shapes` (path → the base
+        weight's shape) lets a file that does not fit be refused with the module and the reason."""
         self.module_paths = set(module_paths)
+        self.weight_shapes = dict(weight_shapes or {})
         self._by_stem = {kohya_stem(p): p for p in self.module_paths}
         if ldm_names is None and unet_config is not None and "down_block_types" in unet_config:
             blocks = unet_block_prefixes(unet_config)
@@ -218,8 +222,10 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         raise SliderError(f"{source}: {len(unknown)} key(s) in no known LoRA format, e.g. {unknown[:3]}")
     if unmatched:
         raise SliderError(
-            f"{source}: {len(unmatched)} key(s) name modules this model does not have, e.g. {unmatched[:3]}; "
-            "the slider was probably trained for another base model family")
+            f"{source}: {len(unmatched)} key(s) name modules that this model does not have, e.g. {unmatched[:3]}. "
+            "Every Linear/Conv2d of the UNet is accepted under its diffusers or LDM name, so the file was made "
+            "for a model with another block layout (another base family, or a custom UNet); "
+            "`python -m sliders_core info FILE` shows what it was trained on")
     if skipped_te:
         log.warning("%s: ignoring %d text-encoder LoRA key(s); sliders act on the UNet only", source, len(skipped_te))
     if not parts:
@@ -231,9 +237,23 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         down, up = p["down"], p["up"]
         if down.shape[0] != up.shape[1]:
             raise SliderError(f"{source}: module {path} has mismatched ranks {tuple(down.shape)} / {tuple(up.shape)}")
-        alpha = float(p["alpha"].item()) if "alpha" in p else float(down.shape[0])
+        _check_fits(source, path, down, up, naming.weight_shapes.get(path))
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
         modules[path] = LoraModule(down=down, up=up, alpha=alpha)
     return SliderWeights(modules=modules, metadata=dict(metadata or {}))
+
+
+def _check_fits(source: str, path: str, down: torch.Tensor, up: torch.Tensor, base: tuple[int, ...] | None) -> None:
+    """ΔW = up·down must have the base weight's shape (kohya stores 1×1 convs and linears alike)."""
+    if base is None:
+        return
+    out_features, in_features = base[0], math.prod(base[1:])
+    if up.shape[0] != out_features or down[0].numel() != in_features:
+        raise SliderError(
+            f"{source}: module {path} does not fit: the file's LoRA maps {down[0].numel()} → {up.shape[0]} "
+            f"features, this model's layer {in_features} → {out_features} (weight {tuple(base)}). The names "
+            "match but the widths do not: the slider was made for another model of the same layout "
+            "(e.g. SD1 vs SD2 cross-attention width, or a resized custom UNet)")
 
 
 # ---------------------------------------------------------------------------------------------

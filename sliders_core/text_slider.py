@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import LAYER_PRESETS, TrainConfig
+from .config import TrainConfig, preset_modules
 from .denoiser import Cond, Denoiser, Trajectory
 from .errors import SliderError, TrainingDivergedError
 from .formats import save_slider
@@ -81,11 +81,7 @@ class TrainResult:
 
 
 def slider_modules(denoiser: Denoiser, layers: str) -> list[str]:
-    kinds = LAYER_PRESETS[layers]
-    modules = sorted(p for p, kind in denoiser.sliders.lora_candidates().items() if kind in kinds)
-    if not modules:
-        raise SliderError(f"the model has no modules for layers={layers!r}")
-    return modules
+    return preset_modules(denoiser.sliders.lora_candidates(), layers)
 
 
 def train_text_slider(

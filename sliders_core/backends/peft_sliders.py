@@ -20,15 +20,22 @@ class PeftSliderHost:
         self.unet = unet
         self._trainable: set[str] = set()
         self._names: list[str] = []
-        self._candidates = {
-            path: kind for path, module in unet.named_modules()
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-            and (kind := classify_unet_module(path)) is not None
-        }
+        # the peft layers, and the adapter set they were last switched to: found once per add/remove,
+        # not by walking the UNet on every call (set_scales runs several times per training step)
+        self._layer_cache: list[tuple[str, LoraLayer]] | None = None
+        self._active: tuple[str, ...] | None = None
+        layers = {path: module for path, module in unet.named_modules()
+                  if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+        self._candidates = {path: classify_unet_module(path) for path in layers}
+        self._shapes = {path: tuple(module.weight.shape) for path, module in layers.items()}
 
     # -- SliderHost -----------------------------------------------------------------------------
     def lora_candidates(self) -> dict[str, str]:
         return dict(self._candidates)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Base weight shape of every candidate (for formats.UnetNaming's fit check)."""
+        return dict(self._shapes)
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -53,6 +60,7 @@ class PeftSliderHost:
         with warnings.catch_warnings():  # several adapters on one UNet is the point of composing sliders
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             self.unet.add_adapter(config, adapter_name=name)
+        self._layer_cache, self._active = None, None
         self._names.append(name)
         if weights is not None:
             self._write(name, weights)
@@ -64,6 +72,7 @@ class PeftSliderHost:
         if name not in self._names:
             raise SliderError(f"no slider named {name!r}")
         self.unet.delete_adapters(name)
+        self._layer_cache, self._active = None, None
         self._names.remove(name)
         self._trainable.discard(name)
 
@@ -71,18 +80,26 @@ class PeftSliderHost:
         unknown = set(scales) - set(self._names)
         if unknown:
             raise SliderError(f"unknown slider(s) {sorted(unknown)}; attached: {self._names}")
-        active = list(scales)
-        for layer in self._layers():
+        active = tuple(scales)
+        layers = self._layers()
+        if active == self._active:  # same adapters as last time: only the scales change
+            for layer in layers:
+                for name, scale in scales.items():
+                    if name in layer.lora_A:
+                        layer.set_scale(name, float(scale))
+            return
+        for layer in layers:
             if not active:
                 layer.enable_adapters(False)
                 continue
             layer.enable_adapters(True)
-            layer.set_adapter(active, inference_mode=True)
+            layer.set_adapter(list(active), inference_mode=True)
             for name, scale in scales.items():
                 layer.set_scale(name, float(scale))
-        for name in self._trainable:
+        for name in self._trainable:  # set_adapter(inference_mode=True) froze them
             for p in self.parameters(name):
                 p.requires_grad_(True)
+        self._active = active
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -118,7 +135,9 @@ class PeftSliderHost:
 
     # -- internals ------------------------------------------------------------------------------
     def _named_layers(self) -> list[tuple[str, LoraLayer]]:
-        return [(p, m) for p, m in self.unet.named_modules() if isinstance(m, LoraLayer)]
+        if self._layer_cache is None:
+            self._layer_cache = [(p, m) for p, m in self.unet.named_modules() if isinstance(m, LoraLayer)]
+        return self._layer_cache
 
     def _layers(self) -> list[LoraLayer]:
         return [m for _, m in self._named_layers()]
