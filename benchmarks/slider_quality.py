@@ -7,6 +7,10 @@ the same noise at every α. Sliders trained here (eq. 8, our loop):
 - colour   : c_t "a circle", c± "a {p} red/blue circle", p over the 3 sizes
 - size-ref : the size objective without preservation trained by a reference-structured loop
              (benchmarks/forward_budget.py) for the same wall time as `size-abl`
+- size-ff  : `size` on the layer preset `noxattn-ff` (this project's `noxattn` before v0.2) instead
+             of the official `noxattn`
+- pair-size, pair-position : image-pair sliders from 6 exact shapes pairs (small → large; shape moved
+             left → right, a concept no caption names), empty prompt
 
     python benchmarks/slider_quality.py [--iterations 300] [--seeds 48] [--out benchmarks/results]
 """
@@ -29,11 +33,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from forward_budget import reference_loop  # noqa: E402
 
 from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
-from sliders_core.config import TrainConfig  # noqa: E402
+from sliders_core.config import PairTrainConfig, TrainConfig  # noqa: E402
+from sliders_core.image_pairs import pairs_from_batches  # noqa: E402
 from sliders_core.inference import generate  # noqa: E402
+from sliders_core.pair_slider import train_pair_slider  # noqa: E402
 from sliders_core.plots import line_plot  # noqa: E402
 from sliders_core.prompts import PromptPair  # noqa: E402
-from sliders_core.shapes.data import COLORS, SIZES  # noqa: E402
+from sliders_core.shapes.data import COLORS, SIZES, render_concept_pairs  # noqa: E402
 from sliders_core.shapes.metrics import measure_batch  # noqa: E402
 from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
 from sliders_core.text_slider import train_text_slider  # noqa: E402
@@ -64,6 +70,10 @@ def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+PAIR_SLIDERS = {"pair-size": "size", "pair-position": "position"}  # visual sliders from 6 exact shapes pairs
+N_PAIRS = 6
+
+
 def measure_alphas(denoiser, prompt: str, slider: str, alphas, base: dict, render: dict) -> dict[float, dict]:
     """Measurements of `prompt` per α of `slider`. α = 0 is the base model (scale 0 = LoRA off), so the
     given base measurements of the same prompt and seeds stand in for it."""
@@ -78,6 +88,7 @@ def compare(m: dict, base: dict) -> dict[str, float]:
         "colour_same": float(np.mean(m["color"] == base["color"])),
         "shape_same": float(np.mean(m["shape"] == base["shape"])),
         "centroid_shift_px": float(np.nanmean(np.linalg.norm(m["centroid"] - base["centroid"], axis=1))),
+        "dx_px": float(np.nanmean(m["centroid"][:, 0] - base["centroid"][:, 0])),  # signed horizontal move
         "pixel_l1": float(np.mean(np.abs(m["pixels"] - base["pixels"]))),
     }
 
@@ -105,14 +116,24 @@ def main() -> None:
         result = train_text_slider(denoiser, [pair], config, name=name.replace("-", "_"), progress=True)
         train_seconds[name] = result.seconds
         print(f"trained {name}: {result.seconds:.0f} s, loss {result.losses[0]:.4g} → {np.mean(result.losses[-20:]):.4g}")
+    # the old 'noxattn' layer set (now 'noxattn-ff'): same size slider, other layers
+    config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0, layers="noxattn-ff")
+    train_seconds["size-ff"] = train_text_slider(denoiser, [SLIDERS["size"]], config, name="size_ff").seconds
+    for name, concept in PAIR_SLIDERS.items():
+        a, b = render_concept_pairs(concept, N_PAIRS, seed=0)
+        pairs = pairs_from_batches(torch.from_numpy(a), torch.from_numpy(b), 32)
+        config = PairTrainConfig(iterations=args.iterations, lr=args.lr, rank=4, seed=0)
+        train_seconds[name] = train_pair_slider(denoiser, pairs, config, name=name.replace("-", "_")).seconds
+        print(f"trained {name} from {N_PAIRS} pairs: {train_seconds[name]:.0f} s")
     _, _, ref_iterations = reference_loop(denoiser, SLIDERS["size-abl"], 10**9, 32, 0, name="size_ref", lr=args.lr,
                                           seconds=train_seconds["size-abl"], keep=True)
     print(f"trained size-ref: {ref_iterations} iterations in {train_seconds['size-abl']:.0f} s (equal wall time)")
 
-    adapter = {"size": "size", "size-abl": "size_abl", "colour": "colour", "size-ref": "size_ref"}
+    adapter = {name: name.replace("-", "_") for name in
+               ("size", "size-abl", "colour", "size-ref", "size-ff", *PAIR_SLIDERS)}
     base = measure(generate(denoiser, EVAL_PROMPT, scales={}, **render))
     results: dict[str, dict[float, dict[str, float]]] = {}
-    for name in ("size", "size-abl", "size-ref", "colour"):
+    for name in ("size", "size-abl", "size-ref", "size-ff", "colour", *PAIR_SLIDERS):
         results[name] = {a: compare(m, base) for a, m in
                          measure_alphas(denoiser, EVAL_PROMPT, adapter[name], ALPHAS, base, render).items()}
     prompted = {word: compare(measure(generate(denoiser, f"a {word} circle", scales={}, **render)), base)
@@ -146,14 +167,15 @@ def write_report(args, results, prompted, combos, held, delayed, base, train_sec
              f"{torch.get_num_threads()} threads, {total / 60:.1f} min in all)", ""]
     lines += [f"Base (α = 0): mean area fraction {np.nanmean(base['area']):.3f}, redness "
               f"{np.nanmean(base['redness']):.3f} (mean R − B of the shape).", ""]
-    header = "| slider | α | area | Δarea | redness | colour same | shape same | centroid shift px | pixel L1 |"
-    lines += ["## Efficacy and preservation", "", header, "|" + "---|" * 9]
+    header = ("| slider | α | area | Δarea | redness | colour same | shape same | centroid shift px | "
+              "Δx px | pixel L1 |")
+    lines += ["## Efficacy and preservation", "", header, "|" + "---|" * 10]
     for name, rows in results.items():
         zero = rows[0.0]
         for a, r in rows.items():
             lines.append(f"| {name} | {a:+g} | {r['area']:.3f} | {r['area'] - zero['area']:+.3f} | {r['redness']:.3f} | "
                          f"{r['colour_same']:.0%} | {r['shape_same']:.0%} | {r['centroid_shift_px']:.2f} | "
-                         f"{r['pixel_l1']:.3f} |")
+                         f"{r['dx_px']:+.2f} | {r['pixel_l1']:.3f} |")
     lines += ["", "Prompting the attribute directly (same seeds, compared with \"a circle\"):", "",
               "| prompt | area | redness | colour same | shape same |", "|---|---|---|---|---|"]
     for word, r in prompted.items():
@@ -176,6 +198,10 @@ def write_report(args, results, prompted, combos, held, delayed, base, train_sec
     for (alpha, start), r in delayed.items():
         lines.append(f"| {alpha:+g} | {start:.0%} | {r['area']:.3f} | {r['shape_same']:.0%} | {r['colour_same']:.0%} | "
                      f"{r['centroid_shift_px']:.2f} | {r['pixel_l1']:.3f} |")
+    text, pair = results["size"], results["pair-size"]
+    ratio = {a: (pair[a]["area"] - pair[0.0]["area"]) / (text[a]["area"] - text[0.0]["area"]) for a in (-1.0, 1.0)}
+    lines += ["", f"Pair size slider ({N_PAIRS} pairs) against the text size slider, Δarea at α −1 / +1: "
+              f"{ratio[-1.0]:.0%} / {ratio[1.0]:.0%} of the text slider's.", ""]
     lines += ["", "## Training cost", "", "| slider | seconds | iterations |", "|---|---|---|"]
     for name, seconds in train_seconds.items():
         lines.append(f"| {name} | {seconds:.0f} | {args.iterations} |")

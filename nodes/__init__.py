@@ -1,11 +1,14 @@
 """ComfyUI nodes: thin adapters over sliders_core. ComfyUI itself is imported only inside node methods."""
 
 from .apply_nodes import ApplySlider, LoadSlider, SliderStack
+from .image_nodes import LoadImagePairs
 from .sampling_nodes import DelayedLoraSampler, SliderSweep
-from .train_nodes import TrainTextSlider
+from .train_nodes import TrainPairSlider, TrainTextSlider
 
 _NODES = {
     "ConceptSlidersTrainText": (TrainTextSlider, "Train Text Slider"),
+    "ConceptSlidersTrainPairs": (TrainPairSlider, "Train Pair Slider"),
+    "ConceptSlidersLoadImagePairs": (LoadImagePairs, "Load Image Pairs"),
     "ConceptSlidersLoad": (LoadSlider, "Load Slider"),
     "ConceptSlidersApply": (ApplySlider, "Apply Slider with Alpha"),
     "ConceptSlidersStack": (SliderStack, "Slider Stack"),

@@ -82,6 +82,7 @@ class ComfySliderHost:
         self._kinds = {p: classify_unet_module(p) for p in names}
         self.scales: dict[str, float] = {}
         self._adapters: dict[str, dict[str, SliderDiff]] = {}
+        self.changed = True
         self._trainable: set[str] = set()
 
     def lora_candidates(self) -> dict[str, str]:
@@ -116,6 +117,7 @@ class ComfySliderHost:
             adapters[path] = adapter
             self.patcher.add_weight_wrapper(f"diffusion_model.{ldm}.weight", adapter)
         self._adapters[name] = adapters
+        self.changed = True  # new weight wrappers take effect only when the patcher is (re)loaded
         if trainable:
             self._trainable.add(name)
             self._wrap_other_weights()
@@ -191,6 +193,7 @@ class ComfyDenoiser:
     def load(self) -> None:
         """(Re)load the patched model so new weight wrappers take effect (ComfyUI memory management)."""
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self.sliders.changed = False
 
     @contextlib.contextmanager
     def gradient_checkpointing(self) -> Iterator[None]:
@@ -219,6 +222,8 @@ class ComfyDenoiser:
         return Cond({"context": torch.cat(contexts), "pooled": torch.cat(pooled)})
 
     def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.sliders.changed:  # e.g. training on images calls predict() before any sample()
+            self.load()
         device, dtype = self.device, self.model.get_dtype()
         x = x_t.to(device)
         sigma = level.to(device)
@@ -273,17 +278,25 @@ class ComfyDenoiser:
             sigma = sigmas[i].expand(batch)
             u = uncond[i] if per_step else uncond
             u = u if len(u) == batch else u.repeat_each(batch)
-            if record:
-                trajectory.states.append(x.clone())
-                trajectory.levels.append(sigma.clone())
             if guidance == 1.0:
-                eps = self.predict(x, sigma, c)
+                eps = eps_c = self.predict(x, sigma, c)
             else:
                 eps_u, eps_c = self.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([u, c])).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
+            if record:
+                trajectory.states.append(x.clone())
+                trajectory.levels.append(sigma.clone())
+                trajectory.cond_outputs.append(eps_c.clone())
             x = x + eps.to(x.device) * (sigmas[i + 1] - sigmas[i])
         trajectory.final = x
         return trajectory
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """IMAGE [B, H, W, C] 0..1 → model-space latents (the host's VAE, then its latent format)."""
+        if self.vae is None:
+            raise SliderError("a VAE is needed to encode images")
+        return self.model.process_latent_in(self.vae.encode(images[..., :3]).float()).to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""Train Text Slider: eq. 8 training (sliders_core.text_slider) on the MODEL and CLIP the graph loaded."""
+"""Train Text Slider (eq. 8, sliders_core.text_slider) and Train Pair Slider (sliders_core.pair_slider), on the
+MODEL, CLIP and VAE the graph loaded."""
 
 from __future__ import annotations
 
 import torch
 
-from ..sliders_core.config import LAYER_PRESETS, TrainConfig
+from ..sliders_core.config import LAYER_PRESETS, PairTrainConfig, TrainConfig, layer_presets_help, parse_numbers
 from ..sliders_core.formats import load_slider, safe_output_path
+from ..sliders_core.image_pairs import pairs_from_batches
+from ..sliders_core.pair_slider import train_pair_slider
 from ..sliders_core.plots import loss_plot
 from ..sliders_core.prompts import ACTIONS, pair_from_dict
 from ..sliders_core.text_slider import train_text_slider
@@ -43,9 +46,10 @@ class TrainTextSlider:
             "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
             "alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 128.0, "step": 0.5,
                       "tooltip": "LoRA alpha; the scale is alpha / rank."}),
-            "layers": (sorted(LAYER_PRESETS), {"default": "noxattn", "tooltip":
-                       "Which layers carry the slider: noxattn (attention + resnets, no cross-attention; the "
-                       "reference default), attn, xattn, xattn_kv, all."}),
+            "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip":
+                       "Which layers carry the slider. The official sliders' training methods select exactly "
+                       "their layers (noxattn, their default: self-attention, resnets and sampler convs). "
+                       + layer_presets_help()}),
             "iterations": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Training steps."}),
             "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
@@ -64,40 +68,106 @@ class TrainTextSlider:
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
               iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):
-        import comfy.model_management
-        import comfy.utils
-
-        from .comfy_backend import ComfyDenoiser
-
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
         config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta, resolution=resolution,
                              layers=layers, seed=seed, save_every=save_every,
                              gradient_checkpointing=gradient_checkpointing)
         config.validate()
-        out = safe_output_path(sliders_dir(), slider_name)
-        previous = out.read_bytes() if out.exists() else None  # restored if the user cancels a retrain
-        progress = comfy.utils.ProgressBar(iterations)
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress.update_absolute(step, total)
-            comfy.model_management.throw_exception_if_processing_interrupted()  # the UI's cancel
+        def run(denoiser, resume, out, on_step):
+            return train_text_slider(denoiser, [pair], config, name="slider", resume=resume,
+                                     checkpoint_path=out, callback=on_step, progress=False)
 
-        with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode
-            denoiser = ComfyDenoiser(model, clip)
-            resume = None
-            if resume_from != NO_RESUME:
-                resume = load_slider(lora_path(resume_from), denoiser.naming, denoiser.family)
-            try:
-                result = train_text_slider(denoiser, [pair], config, name="slider", resume=resume,
-                                           checkpoint_path=out, callback=on_step, progress=False)
-            except comfy.model_management.InterruptProcessingException:
-                # a cancelled run leaves no slider file behind, and an earlier slider as it was
-                if previous is None:
-                    out.unlink(missing_ok=True)
-                elif out.read_bytes() != previous:
-                    restore = out.with_name(f".{out.name}.restore")
-                    restore.write_bytes(previous)
-                    restore.replace(out)
-                raise
-        return (SliderFile.from_weights(result.weights, out.stem), pil_to_image(loss_plot(result.losses)))
+        return train_in_graph(run, model, clip, None, slider_name, resume_from, iterations)
+
+
+class TrainPairSlider:
+    DESCRIPTION = ("Trains a visual slider from image pairs (Concept Sliders §3.3): at −strength the slider "
+                   "denoises towards image A, at +strength towards image B, so it learns only what differs "
+                   "between them. For concepts words cannot say. Saves models/loras/sliders/<slider_name>.safetensors.")
+    CATEGORY = f"{CATEGORY}/train"
+    RETURN_TYPES = (SLIDER, "IMAGE")
+    RETURN_NAMES = ("slider", "loss_plot")
+    OUTPUT_TOOLTIPS = ("The trained slider.", "The training loss curve.")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2 or SDXL) the slider is trained for."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder (encodes the prompt, empty by default)."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE: the pairs are trained on as latents."}),
+            "images_a": ("IMAGE", {"tooltip": "A: less of the concept. One image per pair, in the order of B."}),
+            "images_b": ("IMAGE", {"tooltip": "B: more of the concept, the same subjects in the same order as A."}),
+            "prompt": ("STRING", {"default": "", "tooltip": "Text condition for every pair; empty is the reference's "
+                                  "default."}),
+            "strengths": ("STRING", {"default": "1", "tooltip": "The strength s each pair trains at (A at −s, B at +s): "
+                                     "one number for all, or one per pair (Load Image Pairs gives them)."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
+            "alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 128.0, "step": 0.5,
+                      "tooltip": "LoRA alpha; the scale is alpha / rank."}),
+            "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip": "Which layers carry the slider. "
+                       + layer_presets_help()}),
+            "iterations": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": "Training steps."}),
+            "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip":
+                           "Training size: pairs of another size are resized and centre-cropped (A and B alike)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
+                     "tooltip": "Same seed, same slider."}),
+            "slider_name": ("STRING", {"default": "my_pair_slider", "tooltip":
+                            "File name in models/loras/sliders (no folders, no '..')."}),
+            "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
+                           "tooltip": "Write a checkpoint every N steps (0: only at the end)."}),
+            "resume_from": ([NO_RESUME, *lora_files()], {"tooltip": "Continue training a slider saved earlier."}),
+        }, "optional": {
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
+                                       "Recompute activations during backward: less memory, slower."}),
+        }}
+
+    def train(self, model, clip, vae, images_a, images_b, prompt, strengths, rank, alpha, layers, iterations, lr,
+              resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):
+        config = PairTrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, layers=layers, seed=seed,
+                                 save_every=save_every, gradient_checkpointing=gradient_checkpointing)
+        config.validate()
+        pairs = pairs_from_batches(images_a, images_b, resolution, parse_numbers(strengths, "strengths") or [1.0])
+
+        def run(denoiser, resume, out, on_step):
+            return train_pair_slider(denoiser, pairs, config, prompt=prompt, name="slider", resume=resume,
+                                     checkpoint_path=out, callback=on_step, progress=False)
+
+        return train_in_graph(run, model, clip, vae, slider_name, resume_from, iterations)
+
+
+def train_in_graph(run, model, clip, vae, slider_name: str, resume_from: str, iterations: int):
+    """What both training nodes share: the output file, progress and cancel, inference mode off, and
+    a cancelled run leaving no new file (an earlier slider of that name stays as it was)."""
+    import comfy.model_management
+    import comfy.utils
+
+    from .comfy_backend import ComfyDenoiser
+
+    out = safe_output_path(sliders_dir(), slider_name)
+    previous = out.read_bytes() if out.exists() else None
+    progress = comfy.utils.ProgressBar(iterations)
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        progress.update_absolute(step, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()  # the UI's cancel
+
+    with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode
+        denoiser = ComfyDenoiser(model, clip, vae)
+        resume = None
+        if resume_from != NO_RESUME:
+            resume = load_slider(lora_path(resume_from), denoiser.naming, denoiser.family)
+        try:
+            result = run(denoiser, resume, out, on_step)
+        except comfy.model_management.InterruptProcessingException:
+            if previous is None:
+                out.unlink(missing_ok=True)
+            elif out.read_bytes() != previous:
+                restore = out.with_name(f".{out.name}.restore")
+                restore.write_bytes(previous)
+                restore.replace(out)
+            raise
+    return (SliderFile.from_weights(result.weights, out.stem), pil_to_image(loss_plot(result.losses)))

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import LAYER_PRESETS, TrainConfig, parse_numbers
+from .config import LAYER_PRESETS, PairTrainConfig, TrainConfig, layer_presets_help, parse_numbers
 from .errors import SliderError, TrainingDivergedError
 from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eta", type=float, help="η; default: the prompt set's guidance_scale")
     train.add_argument("--resolution", type=int)
     train.add_argument("--batch-size", type=int)
-    train.add_argument("--layers", choices=sorted(LAYER_PRESETS), default=defaults.layers)
+    train.add_argument("--layers", choices=list(LAYER_PRESETS), default=defaults.layers, metavar="PRESET",
+                       help=f"which layers carry the slider (default {defaults.layers}): {layer_presets_help()}")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
     train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
@@ -88,6 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
     train.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
     train.add_argument("--sweep", help="after training, render an α sweep for this prompt")
+
+    tp = sub.add_parser("train-pairs", help="train a visual slider from image pairs (A = less, B = more)")
+    _model_args(tp)
+    tp.add_argument("--pairs", required=True, help="folder: A/ and B/ with matching file names (or one level per "
+                    "strength, or the official signed-scale folders; see README)")
+    tp.add_argument("--prompt", default="", help="text condition for every pair (default: the empty prompt)")
+    tp.add_argument("--out-dir", default="out/sliders")
+    tp.add_argument("--name", required=True, help="slider file name (no path separators)")
+    pair_defaults = PairTrainConfig()
+    tp.add_argument("--rank", type=int, default=pair_defaults.rank)
+    tp.add_argument("--alpha", type=float, default=pair_defaults.alpha, help="LoRA alpha (scale = alpha/rank)")
+    tp.add_argument("--lr", type=float, default=pair_defaults.lr)
+    tp.add_argument("--iterations", type=int, default=pair_defaults.iterations)
+    tp.add_argument("--resolution", type=int, help="training size; default: the model's native size")
+    tp.add_argument("--batch-size", type=int, default=pair_defaults.batch_size, help="pairs per step")
+    tp.add_argument("--layers", choices=list(LAYER_PRESETS), default=pair_defaults.layers, metavar="PRESET",
+                    help=f"which layers carry the slider (default {pair_defaults.layers})")
+    tp.add_argument("--seed", type=int, default=pair_defaults.seed)
+    tp.add_argument("--save-every", type=int, default=0)
+    tp.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
+    tp.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
+    tp.add_argument("--sweep", help="after training, render an α sweep for this prompt")
+
+    mp = sub.add_parser("make-pairs", help="write exact shapes-world image pairs (only the concept differs)")
+    mp.add_argument("--concept", required=True, choices=["size", "position"])
+    mp.add_argument("--count", type=int, default=6)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--resolution", type=int, default=32)
+    mp.add_argument("--out", required=True, help="folder to create (A/ and B/ inside)")
 
     gen = sub.add_parser("generate", help="render with one or several sliders at given strengths")
     _model_args(gen)
@@ -157,6 +187,48 @@ def cmd_train(args, model=None) -> dict:
     return summary
 
 
+def cmd_train_pairs(args, model=None) -> dict:
+    from .image_pairs import load_pair_folder
+    from .pair_slider import train_pair_slider
+
+    out = safe_output_path(args.out_dir, args.name)
+    config = PairTrainConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations,
+                             layers=args.layers, seed=args.seed, batch_size=args.batch_size,
+                             save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing)
+    config.validate()
+    denoiser = model or load_model(args.model, args.config, args.device)
+    resolution = args.resolution or denoiser.default_resolution
+    pairs = load_pair_folder(args.pairs, resolution)
+    resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None
+    result = train_pair_slider(denoiser, pairs, config, prompt=args.prompt, name="trained", resume=resume,
+                               checkpoint_path=out)
+    summary = {"slider": str(out), "family": denoiser.family, "kind": "pairs", "pairs": len(pairs),
+               "strengths": sorted(set(pairs.strengths)), "iterations": config.iterations,
+               "seconds": round(result.seconds, 2), "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+    if args.sweep is not None:
+        columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1, 2, 3],
+                        resolution=resolution, progress=True, **_sampling(denoiser))
+        grid = out.with_name(out.stem + "_sweep.png")
+        _write_png(grid_image(columns, [f"alpha={a:g}" for a in (-2, -1, 0, 1, 2)]), grid)
+        summary["sweep"] = str(grid)
+    return summary
+
+
+def cmd_make_pairs(args) -> dict:
+    from PIL import Image
+
+    from .shapes.data import render_concept_pairs
+
+    if args.count < 1:
+        raise SliderError("--count must be ≥ 1")
+    a, b = render_concept_pairs(args.concept, args.count, args.seed, args.resolution)
+    root = Path(args.out)
+    for side, images in (("A", a), ("B", b)):
+        for i, image in enumerate(images):
+            _write_png(Image.fromarray((image * 255).round().astype("uint8")), root / side / f"{i:03d}.png")
+    return {"pairs": str(root), "concept": args.concept, "count": args.count}
+
+
 def cmd_demo(args) -> dict:
     from .prompts import pair_from_dict
 
@@ -202,7 +274,8 @@ def cmd_sweep(args) -> dict:
 
 def cmd_info(args) -> dict:
     tensors, metadata = read_state_dict(args.file)
-    summary = {"keys": len(tensors), "example_keys": sorted(tensors)[:4], "metadata": metadata}
+    summary = {"kind": metadata.get("sliders.kind", "unknown (not made by this project)"), "keys": len(tensors),
+               "example_keys": sorted(tensors)[:4], "metadata": metadata}
     if args.model:
         denoiser = load_model(args.model)
         summary["loads_on_model"] = describe(load_slider(args.file, denoiser.naming, denoiser.family))
@@ -212,7 +285,8 @@ def cmd_info(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    command = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "sweep": cmd_sweep, "info": cmd_info}
+    command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs,
+               "generate": cmd_generate, "sweep": cmd_sweep, "info": cmd_info}
     started = time.perf_counter()
     try:
         summary = command[args.command](args)

@@ -112,6 +112,10 @@ LAYER_PRESETS: dict[str, tuple[Callable[[str, str], bool], str]] = {
 }
 
 
+def layer_presets_help() -> str:
+    return "; ".join(f"{name}: {text}" for name, (_, text) in LAYER_PRESETS.items())
+
+
 def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
     """The candidate module paths (path → kind) a layer preset selects, sorted."""
     if layers not in LAYER_PRESETS:
@@ -191,3 +195,36 @@ def parse_numbers(text: str, what: str = "value") -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise SliderError(f"{what} must be finite numbers, got {text!r}")
     return values
+
+
+@dataclass
+class PairTrainConfig:
+    """Image-pair slider options. Defaults are the official image sliders' (rank 4, alpha 1, AdamW 2e-4,
+    1000 iterations, official noxattn, one pair per step) unless noted."""
+
+    rank: int = 4
+    alpha: float = 1.0
+    lr: float = 2e-4
+    iterations: int = 1000
+    layers: str = "noxattn"
+    seed: int = 0
+    batch_size: int = 1  # pairs per step, all of one strength level
+    save_every: int = 0
+    max_grad_norm: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SliderError(msg)
+
+        need(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer ≥ 1, got {self.rank!r}")
+        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
+        need(math.isfinite(self.lr) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
+        need(self.iterations >= 1, f"iterations must be ≥ 1, got {self.iterations!r}")
+        need(self.layers in LAYER_PRESETS, f"layers must be one of {list(LAYER_PRESETS)}, got {self.layers!r}")
+        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
+        need(self.save_every >= 0, "save_every must be ≥ 0")
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}

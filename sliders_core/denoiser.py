@@ -54,6 +54,9 @@ class Trajectory:
     final: torch.Tensor  # the denoised latent
     states: list[torch.Tensor] = field(default_factory=list)
     levels: list[torch.Tensor] = field(default_factory=list)
+    # the model's conditional output at each recorded state (before guidance): a frozen prediction
+    # the text-slider loop would otherwise compute again when its neutral prompt is c_t
+    cond_outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 # (step index, number of steps) -> {slider name: scale}; None leaves the scales as they are.
@@ -116,6 +119,10 @@ class Denoiser(Protocol):
                progress: bool = False) -> Trajectory:
         """CFG sampling. `uncond` is one Cond or one per step (null-text inversion); `generator`
         seeds stochastic samplers; `record` keeps every state with its level."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, H, W, 3] in 0..1 → clean latents x0 in the space `add_noise` and `decode` use
+        (the VAE; the identity up to range for pixel-space models)."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images [B, H, W, 3] in 0..1 (float32, CPU)."""

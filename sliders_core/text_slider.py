@@ -55,13 +55,18 @@ class _EncodedPair:
     uses: int = 0
 
 
-def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Eq. 8 target at (x_t, level): every frozen prediction of the step in one batched forward."""
-    batch, n_prompts = x_t.shape[0], 1 + 2 * item.n_attrs
+def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, level: torch.Tensor,
+                  eps_neutral: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 8 target at (x_t, level): every frozen prediction of the step in one batched forward.
+    `eps_neutral`, when given, is ε(x_t, c_n) already computed (the trajectory's own output at x_t)."""
+    prompts = item.frozen if eps_neutral is None else Cond({k: v[1:] for k, v in item.frozen.tensors.items()})
+    batch, n_prompts = x_t.shape[0], len(prompts)
     with torch.no_grad(), denoiser.sliders.disabled():
         eps = denoiser.predict(x_t.repeat(n_prompts, *[1] * (x_t.dim() - 1)), level.repeat(n_prompts),
-                               item.frozen.repeat_each(batch))
+                               prompts.repeat_each(batch))
     eps = eps.view(n_prompts, batch, *eps.shape[1:])
+    if eps_neutral is not None:
+        eps = torch.cat([eps_neutral.float()[None], eps])
     return slider_target(eps[0], eps[1:1 + item.n_attrs], eps[1 + item.n_attrs:], item.eta, item.pair.sign)
 
 
@@ -145,19 +150,20 @@ def train_text_slider(
             item.uses += 1
             k = step_rng.randrange(1, config.trajectory_steps)  # skip pure noise, as the reference does
             x_t, level = item.trajectory.states[k], item.trajectory.levels[k]
-
-            target = frozen_target(denoiser, item, x_t, level)
+            # c_n = c_t (the usual case): the trajectory already predicted ε(x_t, c_t) with the frozen model
+            reuse = item.pair.neutral_prompt == item.pair.target and len(item.trajectory.cond_outputs) > k
+            target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k] if reuse else None)
             host.set_scales({name: 1.0})
             prediction = denoiser.predict(x_t, level, item.target.repeat_each(batch))
             loss = F.mse_loss(prediction.float(), target)
             if not torch.isfinite(loss):
-                _diverged(host, name, checkpoint_path, metadata(last_good_step), step, "loss")
+                stop_diverged(host, name, checkpoint_path, metadata(last_good_step), step, "loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                _diverged(host, name, checkpoint_path, metadata(last_good_step), step, "gradients")
+                stop_diverged(host, name, checkpoint_path, metadata(last_good_step), step, "gradients")
             optimizer.step()
             last_good_step = step + 1
             result.losses.append(loss.item())
@@ -165,7 +171,7 @@ def train_text_slider(
             if callback is not None:
                 callback(step + 1, config.iterations, result.losses[-1])
             if checkpoint_path and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.iterations:
-                _save(host, name, checkpoint_path, metadata(step + 1))
+                save_checkpoint(host, name, checkpoint_path, metadata(step + 1))
     bar.close()
     host.set_scales({})
     result.seconds = time.perf_counter() - started
@@ -178,16 +184,17 @@ def train_text_slider(
     return result
 
 
-def _save(host, name: str, path: str | Path, metadata: dict[str, str]) -> None:
+def save_checkpoint(host, name: str, path: str | Path, metadata: dict[str, str]) -> None:
+    """Write the slider as it is now (atomic), with the given metadata."""
     weights = host.export(name)
     weights.metadata = metadata
     save_slider(weights, path)
 
 
-def _diverged(host, name, checkpoint_path, metadata, step, what) -> None:
+def stop_diverged(host, name, checkpoint_path, metadata, step, what) -> None:
     saved = ""
     if checkpoint_path:
-        _save(host, name, checkpoint_path, metadata)  # the weights are still those of the last good step
+        save_checkpoint(host, name, checkpoint_path, metadata)  # the weights are still those of the last good step
         saved = f"; the last good weights (step {metadata['sliders.steps']}) are saved in {checkpoint_path}"
     host.set_scales({})
     raise TrainingDivergedError(

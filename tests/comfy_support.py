@@ -244,6 +244,19 @@ def tiny_sdxl_patcher(seed: int = 0, **unet_overrides):
     return _tiny_patcher("SDXL", TINY_SDXL_UNET_CONFIG, seed, unet_overrides)
 
 
+def tiny_vae(seed: int = 2):
+    """A ComfyUI VAE object over a randomly initialised TAESD (8× down, 4 latent channels)."""
+    c = import_comfy()
+    import comfy.taesd.taesd
+    import torch
+
+    taesd = comfy.taesd.taesd.TAESD()
+    init_weights_(taesd, seed=seed)
+    state = dict(taesd.state_dict())
+    state["vae_scale"], state["vae_shift"] = torch.tensor(0.18215), torch.tensor(0.0)
+    return c["sd"].VAE(sd=state)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------

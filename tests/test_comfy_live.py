@@ -37,13 +37,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # ComfyUI serves a pack's example workflows from the first of these folders that exists
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 WORKFLOWS = REPO / "example_workflows" if (REPO / "example_workflows").is_dir() else REPO / "workflows"
-PACK_NODE_IDS = ("ConceptSlidersTrainText", "ConceptSlidersLoad", "ConceptSlidersApply", "ConceptSlidersStack",
+PACK_NODE_IDS = ("ConceptSlidersTrainText", "ConceptSlidersTrainPairs", "ConceptSlidersLoadImagePairs",
+                 "ConceptSlidersLoad", "ConceptSlidersApply", "ConceptSlidersStack",
                  "ConceptSlidersDelayedSampler", "ConceptSlidersSweep")
 DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
 
@@ -381,6 +383,7 @@ def server(tmp_path_factory):
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "models" / "checkpoints" / CKPT_NAME).symlink_to(ckpt)
     (base / "custom_nodes" / "comfyui-concept-sliders").symlink_to(REPO, target_is_directory=True)
+    _write_pairs(base / "input" / PAIRS_FOLDER)
 
     port = _free_port()
     log_path = base / "server.log"
@@ -410,6 +413,20 @@ def server(tmp_path_factory):
         srv.stop()
 
 
+PAIRS_FOLDER = "slider_pairs"  # the folder the pair workflow loads from input/
+
+
+def _write_pairs(folder: Path, n: int = 2) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        a = rng.integers(0, 120, (48, 48, 3), dtype=np.uint8)
+        for side, image in (("A", a), ("B", a + 120)):
+            (folder / side).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / side / f"{i:02d}.png")
+
+
 def shrink(api: dict, tag: str) -> dict:
     """A workflow made fast: the test checkpoint, 64 px, 3 sampling steps, 2 training iterations."""
     prompt = copy.deepcopy(api)
@@ -417,8 +434,10 @@ def shrink(api: dict, tag: str) -> dict:
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = CKPT_NAME
-        elif kind == "ConceptSlidersTrainText":
+        elif kind in ("ConceptSlidersTrainText", "ConceptSlidersTrainPairs"):
             inputs.update(iterations=2, resolution=64, save_every=0, slider_name=f"live_{tag}_{node_id}")
+        elif kind == "ConceptSlidersLoadImagePairs":
+            inputs.update(folder=PAIRS_FOLDER, resolution=64)
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
         elif kind == "SaveImage":
@@ -575,7 +594,7 @@ def test_example_workflow_runs(server, base_slider, name):
         if upstream == "VAEDecode":
             assert pixels(paths[0]).shape == (64, 64, 3), (node_id, pixels(paths[0]).shape)
     for node_id, node in prompt.items():
-        if node["class_type"] == "ConceptSlidersTrainText":
+        if node["class_type"] in ("ConceptSlidersTrainText", "ConceptSlidersTrainPairs"):
             assert (server.sliders / f"{node['inputs']['slider_name']}.safetensors").is_file()
         if node["class_type"] == "ConceptSlidersSweep":
             grid_node = next(i for i in saves if prompt[i]["inputs"]["images"][0] == node_id)

@@ -278,3 +278,95 @@ def test_gradient_checkpointing_option_trains_the_same_slider(loras):
                             gradient_checkpointing=True)
     for key, value in plain.tensors.items():
         assert torch.allclose(value, checkpointed.tensors[key], atol=1e-6), key
+
+
+# -- image pairs ------------------------------------------------------------------------------------
+def _pair_images(n=3, side=64):
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(n, side, side, 3, generator=gen) * 0.4
+    return a, (a + 0.5).clamp(0, 1)
+
+
+def train_pairs(model, clip, vae, name="pairs", iterations=4, **overrides):
+    a, b = overrides.pop("images", None) or _pair_images()
+    args = dict(model=model, clip=clip, vae=vae, images_a=a, images_b=b, prompt="", strengths="1", rank=2,
+                alpha=1.0, layers="noxattn", iterations=iterations, lr=3e-3, resolution=64, seed=0, slider_name=name,
+                save_every=0, resume_from="none")
+    args.update(overrides)
+    with torch.inference_mode():
+        return NODE_CLASS_MAPPINGS["ConceptSlidersTrainPairs"]().train(**args)
+
+
+def test_pair_node_trains_a_slider_the_stock_loader_reads(loras):
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    slider, plot = train_pairs(patcher, clip, vae, iterations=6, lr=5e-2)
+    path = loras / "sliders" / "pairs.safetensors"
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["sliders.kind"] == "pairs"
+    stock, unloaded = comfy_support.load_lora_into(patcher, load_file(str(path)), 1.0)
+    assert unloaded == []
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.0)[0]
+    assert torch.equal(forward(stock, clip), forward(ours, clip))
+    assert not torch.allclose(forward(ours, clip), forward(patcher, clip))
+    assert plot.shape[0] == 1
+
+
+def test_pair_training_runs_on_the_comfy_backend_with_its_vae(loras):
+    from concept_sliders_pack.sliders_core.config import PairTrainConfig
+    from concept_sliders_pack.sliders_core.image_pairs import pairs_from_batches
+    from concept_sliders_pack.sliders_core.pair_slider import train_pair_slider
+
+    denoiser = ComfyDenoiser(comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae())
+    pairs = pairs_from_batches(*_pair_images(), 64)
+    with torch.inference_mode(False):
+        result = train_pair_slider(denoiser, pairs, PairTrainConfig(iterations=40, lr=1e-2, rank=4, layers="all"),
+                                   progress=False)
+        z_a, z_b = denoiser.encode_images(pairs.a), denoiser.encode_images(pairs.b)
+        assert z_a.shape == (3, 4, 8, 8)
+        noise = torch.randn(z_a.shape, generator=torch.Generator().manual_seed(9))
+        level = denoiser.random_levels(3, torch.Generator().manual_seed(9))
+        cond = denoiser.encode([""]).repeat_each(3)
+
+        def error(z, scale):
+            denoiser.sliders.set_scales({"slider": scale})
+            with torch.no_grad():
+                out = denoiser.predict(denoiser.add_noise(z, noise, level), level, cond)
+            return torch.nn.functional.mse_loss(out, denoiser.training_target(z, noise, level)).item()
+
+        # the direction itself is tested on the shapes model (tests/test_pair_slider.py); here: both signs act
+        assert error(z_a, -1.0) != error(z_a, 0.0) and error(z_b, 1.0) != error(z_b, 0.0)
+    assert len(result.losses) == 40 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_pair_node_bad_inputs(loras):
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    a, b = _pair_images()
+    with pytest.raises(SliderError, match="3 image.*in A but 2 in B"):
+        train_pairs(patcher, clip, vae, images=(a, b[:2]))
+    with pytest.raises(SliderError, match="2 strengths for 3 pairs"):
+        train_pairs(patcher, clip, vae, strengths="1, 2")
+    with pytest.raises(SliderError, match="path separators"):
+        train_pairs(patcher, clip, vae, name="../x")
+
+
+def test_load_image_pairs_node_reads_a_folder_under_input(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder_paths = C["folder_paths"]
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    a, b = _pair_images(2, side=48)
+    for side, images in (("A", a), ("B", b)):
+        (tmp_path / "faces" / side).mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(tmp_path / "faces" / side / f"{i}.png")
+    (tmp_path / "not_pairs").mkdir()
+    node = NODE_CLASS_MAPPINGS["ConceptSlidersLoadImagePairs"]
+    assert node.INPUT_TYPES()["required"]["folder"][0] == ["faces"]
+    images_a, images_b, strengths = node().load("faces", 32)
+    assert images_a.shape == images_b.shape == (2, 32, 32, 3) and strengths == "1, 1"
+    with pytest.raises(SliderError, match="directly under the input directory"):
+        node().load("../faces", 32)

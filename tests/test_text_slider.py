@@ -64,7 +64,8 @@ def test_frozen_predictions_are_one_batched_forward_at_the_trajectory_level(sd1,
     monkeypatch.setattr(sd1, "sample", spy_sample)
     train_text_slider(sd1, [AGE], quick_config(iterations=1, batch_size=2), progress=False)
     frozen, lora = calls
-    assert frozen[2] == 2 * (1 + 2 * 3) and not frozen[3]  # 7 prompts × batch 2, no grad, one call
+    # c± ⊕ p for 3 attributes × batch 2, no grad, one call; ε(x_t, c_n) comes from the trajectory (c_n = c_t)
+    assert frozen[2] == 2 * (2 * 3) and not frozen[3]
     assert lora[2] == 2 and lora[3]
     states, levels = trajectories[0].states, trajectories[0].levels
     matches = [k for k in range(len(states)) if torch.equal(frozen[0][:2], states[k])]
@@ -232,3 +233,15 @@ def test_gradient_checkpointing_trains_the_same_slider(sd1):
     assert not other.unet.is_gradient_checkpointing  # switched off again afterwards
     for path, module in plain.weights.modules.items():
         assert torch.allclose(module.up, checkpointed.weights.modules[path].up, atol=1e-6)
+
+
+def test_neutral_prediction_reused_from_the_trajectory_equals_a_fresh_one(sd1):
+    item = encode_pair(sd1, AGE)
+    noise = sd1.initial_noise(2, 32, torch.Generator().manual_seed(3))
+    trajectory = sd1.sample(item.target, sd1.encode([""]), guidance=3.0, steps=5, noise=noise, record=True)
+    assert len(trajectory.cond_outputs) == len(trajectory.states) == 5
+    for k in (1, 3):
+        x_t, level = trajectory.states[k], trajectory.levels[k]
+        fresh = frozen_target(sd1, item, x_t, level)
+        reused = frozen_target(sd1, item, x_t, level, eps_neutral=trajectory.cond_outputs[k])
+        torch.testing.assert_close(reused, fresh, atol=1e-5, rtol=1e-4)

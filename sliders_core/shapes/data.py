@@ -154,3 +154,32 @@ def caption_attributes(text: str) -> dict[str, str | None]:
         return next((w for w in options if w in words), None)
 
     return {"size": named(SIZES), "color": named(COLORS), "shape": named(SHAPES)}
+
+
+# -- exact image pairs for visual sliders: only the concept differs between A and B -----------------
+PAIR_CONCEPTS = ("size", "position")
+PAIR_SHIFT = 3 / 32  # position pairs: A this far left of centre, B this far right (the data's jitter range)
+
+
+def concept_pair_specs(concept: str, n: int, seed: int) -> list[tuple[ShapeSpec, ShapeSpec]]:
+    """n (A, B) spec pairs. size: A small, B large; position: A left, B right (a concept no caption
+    names). Everything else (colour, shape, the other coordinates) is drawn once and shared."""
+    if concept not in PAIR_CONCEPTS:
+        raise ValueError(f"concept must be one of {PAIR_CONCEPTS}, got {concept!r}")
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for spec in random_specs(rng, n):
+        if concept == "size":
+            a = ShapeSpec("small", spec.color, spec.shape, spec.cx, spec.cy)
+            b = ShapeSpec("large", spec.color, spec.shape, spec.cx, spec.cy)
+        else:
+            a = ShapeSpec(spec.size, spec.color, spec.shape, 0.5 - PAIR_SHIFT, spec.cy)
+            b = ShapeSpec(spec.size, spec.color, spec.shape, 0.5 + PAIR_SHIFT, spec.cy)
+        pairs.append((a, b))
+    return pairs
+
+
+def render_concept_pairs(concept: str, n: int, seed: int, resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(A images, B images), each [n, H, W, 3] float32 in 0..1."""
+    pairs = concept_pair_specs(concept, n, seed)
+    return render_batch([a for a, _ in pairs], resolution), render_batch([b for _, b in pairs], resolution)

@@ -1,0 +1,182 @@
+"""Visual (image-pair) concept sliders (Gandikota et al., ECCV 2024, §3.3).
+
+For a pair (A = less of the concept, B = more) of the same subject, at strength s:
+
+    z_A, z_B = E(A), E(B);   ε ~ N(0, I) and level t shared by both
+    loss = ‖ε_{θ − sΔθ}(x_t(z_A, ε), c, t) − target(z_A, ε, t)‖² + ‖ε_{θ + sΔθ}(x_t(z_B, ε), c, t) − target(z_B, ε, t)‖²
+
+so the slider at −s denoises towards A and at +s towards B; what A and B share cancels out, and
+the LoRA learns only their difference. `target` is the backend's native training target (ε, v,
+or the flow velocity). The two signs need two forwards: a slider has one scale per forward on both
+backends (peft scaling, ComfyUI weight wrappers), so a batch cannot mix −s and +s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import PairTrainConfig, preset_modules
+from .denoiser import Denoiser
+from .errors import SliderError
+from .formats import save_slider
+from .image_pairs import ImagePairs
+from .slider_weights import META_FAMILY, SliderWeights
+from .text_slider import StepCallback, TrainResult, save_checkpoint, stop_diverged
+
+
+@dataclass
+class PairStep:
+    """What one step draws; kept so tests can check that A and B really share noise and level."""
+
+    index: list[int]
+    strength: torch.Tensor
+    noise: torch.Tensor
+    level: torch.Tensor
+
+
+def pair_losses(denoiser: Denoiser, name: str, z_a: torch.Tensor, z_b: torch.Tensor, step: PairStep,
+                cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE of the slider at −s on A's noisy latents and at +s on B's, with one noise and level for both."""
+    losses = []
+    for z, sign in ((z_a, -1.0), (z_b, 1.0)):
+        x_t = denoiser.add_noise(z, step.noise, step.level)
+        target = denoiser.training_target(z, step.noise, step.level)
+        denoiser.sliders.set_scales({name: sign * float(step.strength[0])})
+        losses.append(F.mse_loss(denoiser.predict(x_t, step.level, cond).float(), target.float()))
+    return losses[0], losses[1]
+
+
+def train_pair_slider(
+    denoiser: Denoiser,
+    pairs: ImagePairs,
+    config: PairTrainConfig,
+    *,
+    prompt: str = "",
+    name: str = "slider",
+    resume: SliderWeights | None = None,
+    checkpoint_path: str | Path | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one slider from image pairs; returns its weights (with metadata). The slider stays attached."""
+    config.validate()
+    if len(pairs) == 0:
+        raise SliderError("no image pairs to train on")
+    start_step = int(resume.metadata.get("sliders.steps", 0)) if resume is not None else 0
+    if start_step >= config.iterations:
+        raise SliderError(f"the slider to resume already has {start_step} steps ≥ iterations={config.iterations}")
+
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    gen = torch.Generator().manual_seed(config.seed)  # noise and levels: the full 64-bit seed space
+    order = random.Random(config.seed)
+    host = denoiser.sliders
+    host.add(name, resume, modules=preset_modules(host.lora_candidates(), config.layers), rank=config.rank,
+             alpha=config.alpha, trainable=True)
+    params = host.parameters(name)
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    with torch.no_grad():
+        z_a, z_b = denoiser.encode_images(pairs.a), denoiser.encode_images(pairs.b)
+    cond = denoiser.encode([prompt])
+    if hasattr(denoiser, "offload_text_encoders"):
+        denoiser.offload_text_encoders()
+    strengths = torch.tensor(pairs.strengths, dtype=torch.float32)
+    batch = min(config.batch_size, len(pairs))
+    # pairs of one strength share a step (the LoRA scale is one number per forward)
+    by_strength: dict[float, list[int]] = {}
+    for i, s in enumerate(pairs.strengths):
+        by_strength.setdefault(s, []).append(i)
+
+    def metadata(steps: int) -> dict[str, str]:
+        return pair_metadata(denoiser.family, config, steps, prompt, pairs)
+
+    result = TrainResult(weights=SliderWeights({}))
+    forwards_before = getattr(denoiser, "forward_count", 0)
+    started = time.perf_counter()
+    last_good_step = start_step
+    # resuming replays the draws of the skipped steps, so a resumed run sees what an uninterrupted one would
+    for _ in range(start_step):
+        draw_step(denoiser, by_strength, strengths, z_a, batch, gen, order)
+    bar = tqdm(range(start_step, config.iterations), desc=f"training pair slider '{name}'", disable=not progress,
+               leave=False)
+    with contextlib.ExitStack() as stack:
+        if config.gradient_checkpointing:
+            if not hasattr(denoiser, "gradient_checkpointing"):
+                raise SliderError(f"{type(denoiser).__name__} does not support gradient checkpointing")
+            stack.enter_context(denoiser.gradient_checkpointing())
+        for step in bar:
+            drawn = draw_step(denoiser, by_strength, strengths, z_a, batch, gen, order)
+            c = cond.repeat_each(len(drawn.index))
+            optimizer.zero_grad(set_to_none=True)
+            loss_a, loss_b = pair_losses(denoiser, name, z_a[drawn.index], z_b[drawn.index], drawn, c)
+            loss = loss_a + loss_b  # the reference accumulates both gradients before one step
+            if not torch.isfinite(loss):
+                stop_diverged(host, name, checkpoint_path, metadata(last_good_step), step, "loss")
+            loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                stop_diverged(host, name, checkpoint_path, metadata(last_good_step), step, "gradients")
+            optimizer.step()
+            last_good_step = step + 1
+            result.losses.append(loss.item())
+            bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+            if callback is not None:
+                callback(step + 1, config.iterations, result.losses[-1])
+            if checkpoint_path and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.iterations:
+                save_checkpoint(host, name, checkpoint_path, metadata(step + 1))
+    bar.close()
+    host.set_scales({})
+    result.seconds = time.perf_counter() - started
+    result.unet_samples_per_iteration = (getattr(denoiser, "forward_count", 0) - forwards_before) / (
+        config.iterations - start_step)
+    result.weights = host.export(name)
+    result.weights.metadata = metadata(config.iterations)
+    if checkpoint_path:
+        save_slider(result.weights, checkpoint_path)
+    return result
+
+
+def draw_step(denoiser: Denoiser, by_strength: dict[float, list[int]], strengths: torch.Tensor,
+              latents: torch.Tensor, batch: int, gen: torch.Generator, order: random.Random) -> PairStep:
+    """A strength level, `batch` of its pairs, one noise per pair and one level per pair, shared by A and B."""
+    level_pairs = by_strength[order.choice(sorted(by_strength))]
+    index = order.sample(level_pairs, min(batch, len(level_pairs)))
+    noise = torch.randn((len(index), *latents.shape[1:]), generator=gen).to(latents.device)
+    level = denoiser.random_levels(len(index), gen)
+    return PairStep(index=index, strength=strengths[index], noise=noise, level=level)
+
+
+def pair_metadata(family: str, config: PairTrainConfig, steps: int, prompt: str, pairs: ImagePairs) -> dict[str, str]:
+    meta = {
+        META_FAMILY: family,
+        "sliders.format": "1",
+        "sliders.version": __version__,
+        "sliders.kind": "pairs",
+        "sliders.prompt": prompt,
+        "sliders.pairs": json.dumps({"count": len(pairs), "names": pairs.names[:50],
+                                     "strengths": sorted(set(pairs.strengths))}),
+        "sliders.rank": str(config.rank),
+        "sliders.alpha": str(config.alpha),
+        "sliders.layers": config.layers,
+        "sliders.steps": str(steps),
+        "sliders.seed": str(config.seed),
+        "sliders.resolution": str(pairs.a.shape[1]),
+        "sliders.batch_size": str(config.batch_size),
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+    }
+    meta.update(config.to_metadata())
+    return meta
+
+
+__all__ = ["train_pair_slider", "pair_losses", "draw_step", "PairStep", "pair_metadata"]
