@@ -151,7 +151,7 @@ def test_both_signs_are_trained_towards_their_side():
     for t in (300, 600):
         noise, level = torch.randn(z_a.shape, generator=torch.Generator().manual_seed(t)), torch.full((6,), t)
 
-        def error(z, scale):
+        def error(z, scale, noise=noise, level=level):
             shapes.sliders.set_scales({"p": scale})
             with torch.no_grad():
                 out = shapes.predict(shapes.add_noise(z, noise, level), level, cond)
