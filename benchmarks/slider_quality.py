@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHAPES_MODEL_DIR))
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--pair-lr", type=float, default=3e-3,
+                        help="lr of the pair sliders (their gradients are weaker: the LoRA only sees the images' residual)")
     parser.add_argument("--seeds", type=int, default=48)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -122,7 +124,7 @@ def main() -> None:
     for name, concept in PAIR_SLIDERS.items():
         a, b = render_concept_pairs(concept, N_PAIRS, seed=0)
         pairs = pairs_from_batches(torch.from_numpy(a), torch.from_numpy(b), 32)
-        config = PairTrainConfig(iterations=args.iterations, lr=args.lr, rank=4, seed=0)
+        config = PairTrainConfig(iterations=args.iterations, lr=args.pair_lr, rank=4, seed=0)
         train_seconds[name] = train_pair_slider(denoiser, pairs, config, name=name.replace("-", "_")).seconds
         print(f"trained {name} from {N_PAIRS} pairs: {train_seconds[name]:.0f} s")
     _, _, ref_iterations = reference_loop(denoiser, SLIDERS["size-abl"], 10**9, 32, 0, name="size_ref", lr=args.lr,

@@ -13,25 +13,21 @@ backends (peft scaling, ComfyUI weight wrappers), so a batch cannot mix −s and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import __version__
 from .config import PairTrainConfig, preset_modules
 from .denoiser import Denoiser
 from .errors import SliderError
-from .formats import save_slider
 from .image_pairs import ImagePairs
 from .slider_weights import META_FAMILY, SliderWeights
-from .text_slider import StepCallback, TrainResult, save_checkpoint, stop_diverged
+from .training import SliderRun, StepCallback, TrainResult
 
 
 @dataclass
@@ -72,78 +68,32 @@ def train_pair_slider(
     config.validate()
     if len(pairs) == 0:
         raise SliderError("no image pairs to train on")
-    start_step = int(resume.metadata.get("sliders.steps", 0)) if resume is not None else 0
-    if start_step >= config.iterations:
-        raise SliderError(f"the slider to resume already has {start_step} steps ≥ iterations={config.iterations}")
-
-    torch.manual_seed(config.seed)  # LoRA initialisation
+    run = SliderRun(denoiser, name, config, preset_modules(denoiser.sliders.lora_candidates(), config.layers),
+                    resume=resume, checkpoint_path=checkpoint_path, callback=callback, progress=progress,
+                    label="pair slider")
     gen = torch.Generator().manual_seed(config.seed)  # noise and levels: the full 64-bit seed space
     order = random.Random(config.seed)
-    host = denoiser.sliders
-    host.add(name, resume, modules=preset_modules(host.lora_candidates(), config.layers), rank=config.rank,
-             alpha=config.alpha, trainable=True)
-    params = host.parameters(name)
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
     with torch.no_grad():
         z_a, z_b = denoiser.encode_images(pairs.a), denoiser.encode_images(pairs.b)
     cond = denoiser.encode([prompt])
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()
+    run.metadata = lambda steps: pair_metadata(denoiser.family, config, steps, prompt, pairs)
     strengths = torch.tensor(pairs.strengths, dtype=torch.float32)
-    batch = min(config.batch_size, len(pairs))
     # pairs of one strength share a step (the LoRA scale is one number per forward)
     by_strength: dict[float, list[int]] = {}
     for i, s in enumerate(pairs.strengths):
         by_strength.setdefault(s, []).append(i)
+    # resuming replays the draws of the steps already done, so it sees what an uninterrupted run would
+    for _ in range(run.start_step):
+        draw_step(denoiser, by_strength, strengths, z_a, config.batch_size, gen, order)
 
-    def metadata(steps: int) -> dict[str, str]:
-        return pair_metadata(denoiser.family, config, steps, prompt, pairs)
-
-    result = TrainResult(weights=SliderWeights({}))
-    forwards_before = getattr(denoiser, "forward_count", 0)
-    started = time.perf_counter()
-    last_good_step = start_step
-    # resuming replays the draws of the skipped steps, so a resumed run sees what an uninterrupted one would
-    for _ in range(start_step):
-        draw_step(denoiser, by_strength, strengths, z_a, batch, gen, order)
-    bar = tqdm(range(start_step, config.iterations), desc=f"training pair slider '{name}'", disable=not progress,
-               leave=False)
-    with contextlib.ExitStack() as stack:
-        if config.gradient_checkpointing:
-            if not hasattr(denoiser, "gradient_checkpointing"):
-                raise SliderError(f"{type(denoiser).__name__} does not support gradient checkpointing")
-            stack.enter_context(denoiser.gradient_checkpointing())
-        for step in bar:
-            drawn = draw_step(denoiser, by_strength, strengths, z_a, batch, gen, order)
-            c = cond.repeat_each(len(drawn.index))
-            optimizer.zero_grad(set_to_none=True)
-            loss_a, loss_b = pair_losses(denoiser, name, z_a[drawn.index], z_b[drawn.index], drawn, c)
-            loss = loss_a + loss_b  # the reference accumulates both gradients before one step
-            if not torch.isfinite(loss):
-                stop_diverged(host, name, checkpoint_path, metadata(last_good_step), step, "loss")
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                stop_diverged(host, name, checkpoint_path, metadata(last_good_step), step, "gradients")
-            optimizer.step()
-            last_good_step = step + 1
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
-            if callback is not None:
-                callback(step + 1, config.iterations, result.losses[-1])
-            if checkpoint_path and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.iterations:
-                save_checkpoint(host, name, checkpoint_path, metadata(step + 1))
-    bar.close()
-    host.set_scales({})
-    result.seconds = time.perf_counter() - started
-    result.unet_samples_per_iteration = (getattr(denoiser, "forward_count", 0) - forwards_before) / (
-        config.iterations - start_step)
-    result.weights = host.export(name)
-    result.weights.metadata = metadata(config.iterations)
-    if checkpoint_path:
-        save_slider(result.weights, checkpoint_path)
-    return result
+    for step in run.steps():
+        drawn = draw_step(denoiser, by_strength, strengths, z_a, config.batch_size, gen, order)
+        loss_a, loss_b = pair_losses(denoiser, name, z_a[drawn.index], z_b[drawn.index], drawn,
+                                     cond.repeat_each(len(drawn.index)))
+        run.step(step, loss_a + loss_b)  # the reference accumulates both gradients before one step
+    return run.finish()
 
 
 def draw_step(denoiser: Denoiser, by_strength: dict[float, list[int]], strengths: torch.Tensor,

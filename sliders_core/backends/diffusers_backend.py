@@ -217,7 +217,8 @@ class DiffusersDenoiser:
             return x
         if x.shape[-1] % self.latent_factor or x.shape[-2] % self.latent_factor:
             raise SliderError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.latent_factor}")
-        latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+        # a few images at a time: a VAE encoder at 1024² holds several GB of activations per image
+        latents = torch.cat([self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.mean for chunk in x.split(4)])
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()

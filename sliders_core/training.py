@@ -1,0 +1,115 @@
+"""What every slider training loop shares, so that each algorithm module holds only its objective.
+
+`SliderRun` attaches a fresh (or resumed) trainable slider, then takes one loss per step and does
+the rest: AdamW in fp32, optional gradient clipping, the NaN/inf guard (stop with a clear error,
+keep the last good weights), checkpoints every `save_every` steps, progress and cancel through a
+callback, gradient checkpointing, and the final export with metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .denoiser import Denoiser
+from .errors import SliderError, TrainingDivergedError
+from .formats import save_slider
+from .slider_weights import SliderWeights
+
+StepCallback = Callable[[int, int, float], None]  # (step done, total, loss); may raise to cancel
+
+
+@dataclass
+class TrainResult:
+    weights: SliderWeights
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    unet_samples_per_iteration: float = 0.0  # single-image UNet forwards (no backward) per iteration
+
+
+class SliderRun:
+    def __init__(self, denoiser: Denoiser, name: str, config, modules: Sequence[str], *,
+                 resume: SliderWeights | None = None, checkpoint_path: str | Path | None = None,
+                 callback: StepCallback | None = None, progress: bool = True, label: str = "slider"):
+        """`config` has rank, alpha, lr, iterations, seed, save_every, max_grad_norm, gradient_checkpointing."""
+        self.denoiser, self.name, self.config = denoiser, name, config
+        self.checkpoint_path, self.callback, self.progress, self.label = checkpoint_path, callback, progress, label
+        self.start_step = int(resume.metadata.get("sliders.steps", 0)) if resume is not None else 0
+        if self.start_step >= config.iterations:
+            raise SliderError(f"the slider to resume already has {self.start_step} steps ≥ "
+                              f"iterations={config.iterations}")
+        torch.manual_seed(config.seed)  # LoRA initialisation
+        self.host = denoiser.sliders
+        self.host.add(name, resume, modules=modules, rank=config.rank, alpha=config.alpha, trainable=True)
+        self.params = self.host.parameters(name)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
+        self.metadata: Callable[[int], dict[str, str]] = lambda steps: {}  # set by the algorithm
+        self.result = TrainResult(weights=SliderWeights({}))
+        self.last_good_step = self.start_step
+
+    def steps(self) -> Iterator[int]:
+        """The step indices still to run, inside gradient checkpointing when asked for."""
+        forwards_before = getattr(self.denoiser, "forward_count", 0)
+        started = time.perf_counter()
+        bar = tqdm(range(self.start_step, self.config.iterations), desc=f"training {self.label} '{self.name}'",
+                   disable=not self.progress, leave=False)
+        self._bar = bar
+        with contextlib.ExitStack() as stack:
+            if self.config.gradient_checkpointing:
+                if not hasattr(self.denoiser, "gradient_checkpointing"):
+                    raise SliderError(f"{type(self.denoiser).__name__} does not support gradient checkpointing")
+                stack.enter_context(self.denoiser.gradient_checkpointing())
+            yield from bar
+        bar.close()
+        self.result.seconds = time.perf_counter() - started
+        done = self.config.iterations - self.start_step
+        self.result.unet_samples_per_iteration = (getattr(self.denoiser, "forward_count", 0) - forwards_before) / done
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        """Backward and one optimiser step on `loss`; stops (keeping the last good weights) on NaN/inf."""
+        if not torch.isfinite(loss):
+            self.stop_diverged(step, "loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
+            self.stop_diverged(step, "gradients")
+        self.optimizer.step()
+        self.last_good_step = step + 1
+        self.result.losses.append(loss.item())
+        self._bar.set_postfix(loss=f"{self.result.losses[-1]:.4g}")
+        if self.callback is not None:
+            self.callback(step + 1, self.config.iterations, self.result.losses[-1])
+        every, done = self.config.save_every, step + 1
+        if self.checkpoint_path and every and done % every == 0 and done < self.config.iterations:
+            self.save(self.checkpoint_path, done)
+
+    def save(self, path: str | Path, steps: int) -> None:
+        """Write the slider as it is now (atomic), with the metadata of `steps` steps."""
+        weights = self.host.export(self.name)
+        weights.metadata = self.metadata(steps)
+        save_slider(weights, path)
+
+    def stop_diverged(self, step: int, what: str) -> None:
+        saved = ""
+        if self.checkpoint_path:
+            self.save(self.checkpoint_path, self.last_good_step)  # the weights are still the last good step's
+            saved = f"; the last good weights (step {self.last_good_step}) are saved in {self.checkpoint_path}"
+        self.host.set_scales({})
+        raise TrainingDivergedError(f"training diverged at step {step + 1}: the {what} became NaN/inf{saved}. "
+                                    "Lower lr (or η for text sliders), or train in float32.")
+
+    def finish(self) -> TrainResult:
+        self.host.set_scales({})
+        self.result.weights = self.host.export(self.name)
+        self.result.weights.metadata = self.metadata(self.config.iterations)
+        if self.checkpoint_path:
+            save_slider(self.result.weights, self.checkpoint_path)
+        return self.result
