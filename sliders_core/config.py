@@ -153,28 +153,33 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % slower
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SliderError(msg)
-
-        need(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer ≥ 1, got {self.rank!r}")
-        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
-        need(math.isfinite(self.lr) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
-        need(self.iterations >= 1, f"iterations must be ≥ 1, got {self.iterations!r}")
+        check_lora_options(self)
         if self.eta is not None:
             check_eta(self.eta)
         need(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
              f"resolution must be a multiple of 8, got {self.resolution!r}")
         need(self.batch_size is None or self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
-        need(self.layers in LAYER_PRESETS,
-             f"layers must be one of {sorted(LAYER_PRESETS)}, got {self.layers!r}")
         need(self.trajectory_steps >= 2, "trajectory_steps must be ≥ 2")
         need(self.trajectory_reuse >= 1, "trajectory_reuse must be ≥ 1")
         need(self.trajectory_guidance >= 1, "trajectory_guidance must be ≥ 1 (1 = no CFG)")
-        need(self.save_every >= 0, "save_every must be ≥ 0")
 
     def to_metadata(self) -> dict[str, str]:
         return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}
+
+
+def need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise SliderError(msg)
+
+
+def check_lora_options(config) -> None:
+    """The options every slider trainer shares: rank, alpha, lr, iterations, layers, save_every."""
+    need(isinstance(config.rank, int) and config.rank >= 1, f"rank must be an integer ≥ 1, got {config.rank!r}")
+    need(math.isfinite(config.alpha) and config.alpha > 0, f"alpha must be > 0, got {config.alpha!r}")
+    need(math.isfinite(config.lr) and 0 < config.lr < 1, f"lr must be in (0, 1), got {config.lr!r}")
+    need(config.iterations >= 1, f"iterations must be ≥ 1, got {config.iterations!r}")
+    need(config.layers in LAYER_PRESETS, f"layers must be one of {list(LAYER_PRESETS)}, got {config.layers!r}")
+    need(config.save_every >= 0, "save_every must be ≥ 0")
 
 
 def check_eta(eta: float) -> float:
@@ -214,17 +219,8 @@ class PairTrainConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SliderError(msg)
-
-        need(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer ≥ 1, got {self.rank!r}")
-        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
-        need(math.isfinite(self.lr) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
-        need(self.iterations >= 1, f"iterations must be ≥ 1, got {self.iterations!r}")
-        need(self.layers in LAYER_PRESETS, f"layers must be one of {list(LAYER_PRESETS)}, got {self.layers!r}")
+        check_lora_options(self)
         need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
-        need(self.save_every >= 0, "save_every must be ≥ 0")
 
     def to_metadata(self) -> dict[str, str]:
         return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}
