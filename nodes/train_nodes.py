@@ -17,15 +17,49 @@ from .common import CATEGORY, SLIDER, SliderFile, lora_files, lora_path, pil_to_
 NO_RESUME = "none"
 
 
-class TrainTextSlider:
-    DESCRIPTION = ("Trains a text concept slider (Concept Sliders eq. 8) on the loaded model: the slider learns to "
-                   "move from the negative towards the positive prompt while the preservation attributes stay put. "
-                   "Saves models/loras/sliders/<slider_name>.safetensors, loadable by the stock LoraLoader.")
+OPTIONAL_TRAINING_INPUTS = {
+    "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
+                               "Recompute activations during backward: less memory, slower."}),
+}
+
+
+class TrainingNode:
+    """What both training nodes show the graph: where they sit and what they output."""
+
     CATEGORY = f"{CATEGORY}/train"
     RETURN_TYPES = (SLIDER, "IMAGE")
     RETURN_NAMES = ("slider", "loss_plot")
     OUTPUT_TOOLTIPS = ("The trained slider.", "The training loss curve.")
     FUNCTION = "train"
+
+
+def training_inputs(iterations: int, slider_name: str, resolution_tooltip: str) -> dict:
+    """The LoRA and run inputs both training nodes share, in the order their widgets appear."""
+    return {
+        "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
+        "alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 128.0, "step": 0.5,
+                  "tooltip": "LoRA alpha; the scale is alpha / rank."}),
+        "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip":
+                   "Which layers carry the slider. The official sliders' training methods select exactly "
+                   "their layers (noxattn, their default: self-attention, resnets and sampler convs). "
+                   + layer_presets_help()}),
+        "iterations": ("INT", {"default": iterations, "min": 1, "max": 100000, "tooltip": "Training steps."}),
+        "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
+        "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": resolution_tooltip}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
+                 "tooltip": "Same seed, same slider."}),
+        "slider_name": ("STRING", {"default": slider_name, "tooltip":
+                        "File name in models/loras/sliders (no folders, no '..')."}),
+        "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
+                       "tooltip": "Write a checkpoint every N steps (0: only at the end)."}),
+        "resume_from": ([NO_RESUME, *lora_files()], {"tooltip": "Continue training a slider saved earlier."}),
+    }
+
+
+class TrainTextSlider(TrainingNode):
+    DESCRIPTION = ("Trains a text concept slider (Concept Sliders eq. 8) on the loaded model: the slider learns to "
+                   "move from the negative towards the positive prompt while the preservation attributes stay put. "
+                   "Saves models/loras/sliders/<slider_name>.safetensors, loadable by the stock LoraLoader.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -43,28 +77,9 @@ class TrainTextSlider:
             "eta": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 50.0, "step": 0.1, "tooltip":
                     "η, the training target's strength (reference: 1–4). It multiplies the sum over preservation "
                     "attributes."}),
-            "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
-            "alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 128.0, "step": 0.5,
-                      "tooltip": "LoRA alpha; the scale is alpha / rank."}),
-            "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip":
-                       "Which layers carry the slider. The official sliders' training methods select exactly "
-                       "their layers (noxattn, their default: self-attention, resnets and sampler convs). "
-                       + layer_presets_help()}),
-            "iterations": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Training steps."}),
-            "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
-            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
-                           "tooltip": "Training image size (512 for SD1.x, 1024 for SDXL)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
-                     "tooltip": "Same seed, same slider."}),
-            "slider_name": ("STRING", {"default": "my_slider", "tooltip":
-                            "File name in models/loras/sliders (no folders, no '..')."}),
-            "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
-                           "tooltip": "Write a checkpoint every N steps (0: only at the end)."}),
-            "resume_from": ([NO_RESUME, *lora_files()], {"tooltip": "Continue training a slider saved earlier."}),
-        }, "optional": {
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
-                                       "Recompute activations during backward: less memory, slower."}),
-        }}
+            **training_inputs(iterations=500, slider_name="my_slider",
+                              resolution_tooltip="Training image size (512 for SD1.x, 1024 for SDXL)."),
+        }, "optional": OPTIONAL_TRAINING_INPUTS}
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
               iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):
@@ -82,15 +97,10 @@ class TrainTextSlider:
         return train_in_graph(run, model, clip, None, slider_name, resume_from, iterations)
 
 
-class TrainPairSlider:
+class TrainPairSlider(TrainingNode):
     DESCRIPTION = ("Trains a visual slider from image pairs (Concept Sliders §3.3): at −strength the slider "
                    "denoises towards image A, at +strength towards image B, so it learns only what differs "
                    "between them. For concepts words cannot say. Saves models/loras/sliders/<slider_name>.safetensors.")
-    CATEGORY = f"{CATEGORY}/train"
-    RETURN_TYPES = (SLIDER, "IMAGE")
-    RETURN_NAMES = ("slider", "loss_plot")
-    OUTPUT_TOOLTIPS = ("The trained slider.", "The training loss curve.")
-    FUNCTION = "train"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -104,26 +114,9 @@ class TrainPairSlider:
                                   "default."}),
             "strengths": ("STRING", {"default": "1", "tooltip": "The strength s each pair trains at (A at −s, B at +s): "
                                      "one number for all, or one per pair (Load Image Pairs gives them)."}),
-            "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
-            "alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 128.0, "step": 0.5,
-                      "tooltip": "LoRA alpha; the scale is alpha / rank."}),
-            "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip": "Which layers carry the slider. "
-                       + layer_presets_help()}),
-            "iterations": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": "Training steps."}),
-            "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
-            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip":
-                           "Training size: pairs of another size are resized and centre-cropped (A and B alike)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
-                     "tooltip": "Same seed, same slider."}),
-            "slider_name": ("STRING", {"default": "my_pair_slider", "tooltip":
-                            "File name in models/loras/sliders (no folders, no '..')."}),
-            "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
-                           "tooltip": "Write a checkpoint every N steps (0: only at the end)."}),
-            "resume_from": ([NO_RESUME, *lora_files()], {"tooltip": "Continue training a slider saved earlier."}),
-        }, "optional": {
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
-                                       "Recompute activations during backward: less memory, slower."}),
-        }}
+            **training_inputs(iterations=1000, slider_name="my_pair_slider", resolution_tooltip=
+                              "Training size: pairs of another size are resized and centre-cropped (A and B alike)."),
+        }, "optional": OPTIONAL_TRAINING_INPUTS}
 
     def train(self, model, clip, vae, images_a, images_b, prompt, strengths, rank, alpha, layers, iterations, lr,
               resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):

@@ -58,6 +58,21 @@ def _render_args(p: argparse.ArgumentParser) -> None:
                    help="delayed LoRA: fraction of the steps run on the base model before the sliders switch on")
 
 
+def _training_args(p: argparse.ArgumentParser, defaults) -> None:
+    """The options both trainers share (defaults from their config dataclass)."""
+    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha/rank)")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--iterations", type=int, default=defaults.iterations)
+    p.add_argument("--layers", choices=list(LAYER_PRESETS), default=defaults.layers, metavar="PRESET",
+                   help=f"which layers carry the slider (default {defaults.layers}): {layer_presets_help()}")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
+    p.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
+    p.add_argument("--sweep", help="after training, render an α sweep for this prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sliders_core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -73,22 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out-dir", default="out/sliders")
     train.add_argument("--name", required=True, help="slider file name (no path separators)")
     defaults = TrainConfig()
-    train.add_argument("--rank", type=int, default=defaults.rank)
-    train.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha/rank)")
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--iterations", type=int, default=defaults.iterations)
+    _training_args(train, defaults)
     train.add_argument("--eta", type=float, help="η; default: the prompt set's guidance_scale")
     train.add_argument("--resolution", type=int)
     train.add_argument("--batch-size", type=int)
-    train.add_argument("--layers", choices=list(LAYER_PRESETS), default=defaults.layers, metavar="PRESET",
-                       help=f"which layers carry the slider (default {defaults.layers}): {layer_presets_help()}")
-    train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
     train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
-    train.add_argument("--save-every", type=int, default=0)
-    train.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
-    train.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
-    train.add_argument("--sweep", help="after training, render an α sweep for this prompt")
 
     tp = sub.add_parser("train-pairs", help="train a visual slider from image pairs (A = less, B = more)")
     _model_args(tp)
@@ -98,19 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out-dir", default="out/sliders")
     tp.add_argument("--name", required=True, help="slider file name (no path separators)")
     pair_defaults = PairTrainConfig()
-    tp.add_argument("--rank", type=int, default=pair_defaults.rank)
-    tp.add_argument("--alpha", type=float, default=pair_defaults.alpha, help="LoRA alpha (scale = alpha/rank)")
-    tp.add_argument("--lr", type=float, default=pair_defaults.lr)
-    tp.add_argument("--iterations", type=int, default=pair_defaults.iterations)
+    _training_args(tp, pair_defaults)
     tp.add_argument("--resolution", type=int, help="training size; default: the model's native size")
     tp.add_argument("--batch-size", type=int, default=pair_defaults.batch_size, help="pairs per step")
-    tp.add_argument("--layers", choices=list(LAYER_PRESETS), default=pair_defaults.layers, metavar="PRESET",
-                    help=f"which layers carry the slider (default {pair_defaults.layers})")
-    tp.add_argument("--seed", type=int, default=pair_defaults.seed)
-    tp.add_argument("--save-every", type=int, default=0)
-    tp.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
-    tp.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
-    tp.add_argument("--sweep", help="after training, render an α sweep for this prompt")
 
     mp = sub.add_parser("make-pairs", help="write exact shapes-world image pairs (only the concept differs)")
     mp.add_argument("--concept", required=True, choices=["size", "position"])
@@ -179,11 +174,7 @@ def cmd_train(args, model=None) -> dict:
         "unet_forwards_per_iteration": round(result.unet_samples_per_iteration, 2),
     }
     if args.sweep:
-        columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1, 2, 3],
-                        resolution=config.resolution, progress=True, **_sampling(denoiser))
-        grid = out.with_name(out.stem + "_sweep.png")
-        _write_png(grid_image(columns, [f"alpha={a:g}" for a in (-2, -1, 0, 1, 2)]), grid)
-        summary["sweep"] = str(grid)
+        summary["sweep"] = _sweep_trained(denoiser, args.sweep, out, config.resolution)
     return summary
 
 
@@ -206,12 +197,18 @@ def cmd_train_pairs(args, model=None) -> dict:
                "strengths": sorted(set(pairs.strengths)), "iterations": config.iterations,
                "seconds": round(result.seconds, 2), "loss_first": result.losses[0], "loss_last": result.losses[-1]}
     if args.sweep is not None:
-        columns = sweep(denoiser, args.sweep, "trained", [-2, -1, 0, 1, 2], seeds=[0, 1, 2, 3],
-                        resolution=resolution, progress=True, **_sampling(denoiser))
-        grid = out.with_name(out.stem + "_sweep.png")
-        _write_png(grid_image(columns, [f"alpha={a:g}" for a in (-2, -1, 0, 1, 2)]), grid)
-        summary["sweep"] = str(grid)
+        summary["sweep"] = _sweep_trained(denoiser, args.sweep, out, resolution)
     return summary
+
+
+def _sweep_trained(denoiser, prompt: str, out: Path, resolution: int | None) -> str:
+    """The α = −2 … 2 grid of the slider just trained (adapter "trained"), next to its file."""
+    alphas = [-2, -1, 0, 1, 2]
+    columns = sweep(denoiser, prompt, "trained", alphas, seeds=[0, 1, 2, 3], resolution=resolution, progress=True,
+                    **_sampling(denoiser))
+    grid = out.with_name(out.stem + "_sweep.png")
+    _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), grid)
+    return str(grid)
 
 
 def cmd_make_pairs(args) -> dict:

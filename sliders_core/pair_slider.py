@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .config import PairTrainConfig, preset_modules
 from .denoiser import Denoiser
 from .errors import SliderError
 from .image_pairs import ImagePairs
-from .slider_weights import META_FAMILY, SliderWeights
-from .training import SliderRun, StepCallback, TrainResult
+from .slider_weights import SliderWeights
+from .training import SliderRun, StepCallback, TrainResult, run_metadata
 
 
 @dataclass
@@ -35,7 +34,7 @@ class PairStep:
     """What one step draws; kept so tests can check that A and B really share noise and level."""
 
     index: list[int]
-    strength: torch.Tensor
+    strength: float  # every pair of a step has this strength (the LoRA scale is one number per forward)
     noise: torch.Tensor
     level: torch.Tensor
 
@@ -47,7 +46,7 @@ def pair_losses(denoiser: Denoiser, name: str, z_a: torch.Tensor, z_b: torch.Ten
     for z, sign in ((z_a, -1.0), (z_b, 1.0)):
         x_t = denoiser.add_noise(z, step.noise, step.level)
         target = denoiser.training_target(z, step.noise, step.level)
-        denoiser.sliders.set_scales({name: sign * float(step.strength[0])})
+        denoiser.sliders.set_scales({name: sign * step.strength})
         losses.append(F.mse_loss(denoiser.predict(x_t, step.level, cond).float(), target.float()))
     return losses[0], losses[1]
 
@@ -79,54 +78,37 @@ def train_pair_slider(
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()
     run.metadata = lambda steps: pair_metadata(denoiser.family, config, steps, prompt, pairs)
-    strengths = torch.tensor(pairs.strengths, dtype=torch.float32)
     # pairs of one strength share a step (the LoRA scale is one number per forward)
     by_strength: dict[float, list[int]] = {}
     for i, s in enumerate(pairs.strengths):
         by_strength.setdefault(s, []).append(i)
     # resuming replays the draws of the steps already done, so it sees what an uninterrupted run would
     for _ in range(run.start_step):
-        draw_step(denoiser, by_strength, strengths, z_a, config.batch_size, gen, order)
+        draw_step(denoiser, by_strength, z_a, config.batch_size, gen, order)
 
     for step in run.steps():
-        drawn = draw_step(denoiser, by_strength, strengths, z_a, config.batch_size, gen, order)
+        drawn = draw_step(denoiser, by_strength, z_a, config.batch_size, gen, order)
         loss_a, loss_b = pair_losses(denoiser, name, z_a[drawn.index], z_b[drawn.index], drawn,
                                      cond.repeat_each(len(drawn.index)))
         run.step(step, loss_a + loss_b)  # the reference accumulates both gradients before one step
     return run.finish()
 
 
-def draw_step(denoiser: Denoiser, by_strength: dict[float, list[int]], strengths: torch.Tensor,
-              latents: torch.Tensor, batch: int, gen: torch.Generator, order: random.Random) -> PairStep:
+def draw_step(denoiser: Denoiser, by_strength: dict[float, list[int]], latents: torch.Tensor, batch: int,
+              gen: torch.Generator, order: random.Random) -> PairStep:
     """A strength level, `batch` of its pairs, one noise per pair and one level per pair, shared by A and B."""
-    level_pairs = by_strength[order.choice(sorted(by_strength))]
-    index = order.sample(level_pairs, min(batch, len(level_pairs)))
+    strength = order.choice(sorted(by_strength))
+    index = order.sample(by_strength[strength], min(batch, len(by_strength[strength])))
     noise = torch.randn((len(index), *latents.shape[1:]), generator=gen).to(latents.device)
     level = denoiser.random_levels(len(index), gen)
-    return PairStep(index=index, strength=strengths[index], noise=noise, level=level)
+    return PairStep(index=index, strength=strength, noise=noise, level=level)
 
 
 def pair_metadata(family: str, config: PairTrainConfig, steps: int, prompt: str, pairs: ImagePairs) -> dict[str, str]:
-    meta = {
-        META_FAMILY: family,
-        "sliders.format": "1",
-        "sliders.version": __version__,
-        "sliders.kind": "pairs",
-        "sliders.prompt": prompt,
-        "sliders.pairs": json.dumps({"count": len(pairs), "names": pairs.names[:50],
-                                     "strengths": sorted(set(pairs.strengths))}),
-        "sliders.rank": str(config.rank),
-        "sliders.alpha": str(config.alpha),
-        "sliders.layers": config.layers,
-        "sliders.steps": str(steps),
-        "sliders.seed": str(config.seed),
-        "sliders.resolution": str(pairs.a.shape[1]),
-        "sliders.batch_size": str(config.batch_size),
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(config.alpha),
-    }
-    meta.update(config.to_metadata())
-    return meta
+    return {**run_metadata(family, "pairs", config, steps, pairs.a.shape[1], config.batch_size),
+            "sliders.prompt": prompt,
+            "sliders.pairs": json.dumps({"count": len(pairs), "names": pairs.names[:50],
+                                         "strengths": sorted(set(pairs.strengths))})}
 
 
 __all__ = ["train_pair_slider", "pair_losses", "draw_step", "PairStep", "pair_metadata"]

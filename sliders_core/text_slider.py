@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .config import TrainConfig, preset_modules
 from .denoiser import Cond, Denoiser, Trajectory
 from .errors import SliderError
 from .prompts import PromptPair
-from .slider_weights import META_FAMILY, SliderWeights
-from .training import SliderRun, StepCallback, TrainResult
+from .slider_weights import SliderWeights
+from .training import SliderRun, StepCallback, TrainResult, run_metadata
 
 
 def slider_target(eps_neutral: torch.Tensor, eps_plus: torch.Tensor, eps_minus: torch.Tensor,
@@ -125,26 +124,9 @@ def train_text_slider(
 
 def slider_metadata(family: str, pairs: Sequence[PromptPair], config: TrainConfig, steps: int,
                     resolution: int, batch: int, etas: Sequence[float]) -> dict[str, str]:
-    meta = {
-        META_FAMILY: family,
-        "sliders.format": "1",
-        "sliders.version": __version__,
-        "sliders.kind": "text",
-        "sliders.prompts": json.dumps([p.to_dict() for p in pairs]),
-        "sliders.eta": json.dumps(list(etas)),
-        "sliders.rank": str(config.rank),
-        "sliders.alpha": str(config.alpha),
-        "sliders.layers": config.layers,
-        "sliders.steps": str(steps),
-        "sliders.seed": str(config.seed),
-        "sliders.resolution": str(resolution),
-        "sliders.batch_size": str(batch),
-        # kohya-style keys so other UIs show something sensible
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(config.alpha),
-    }
-    meta.update(config.to_metadata())
-    return meta
+    return {**run_metadata(family, "text", config, steps, resolution, batch),
+            "sliders.prompts": json.dumps([p.to_dict() for p in pairs]),
+            "sliders.eta": json.dumps(list(etas))}
 
 
 __all__ = ["train_text_slider", "slider_target", "TrainResult", "StepCallback", "slider_modules", "slider_metadata"]

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import __version__
 from .denoiser import Denoiser
 from .errors import SliderError, TrainingDivergedError
 from .formats import save_slider
-from .slider_weights import SliderWeights
+from .slider_weights import META_FAMILY, SliderWeights
 
 StepCallback = Callable[[int, int, float], None]  # (step done, total, loss); may raise to cancel
 
@@ -51,7 +52,11 @@ class SliderRun:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         self.metadata: Callable[[int], dict[str, str]] = lambda steps: {}  # set by the algorithm
         self.result = TrainResult(weights=SliderWeights({}))
-        self.last_good_step = self.start_step
+
+    @property
+    def last_good_step(self) -> int:
+        """Steps whose update was applied (a diverged step records no loss)."""
+        return self.start_step + len(self.result.losses)
 
     def steps(self) -> Iterator[int]:
         """The step indices still to run, inside gradient checkpointing when asked for."""
@@ -82,7 +87,6 @@ class SliderRun:
         if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
             self.stop_diverged(step, "gradients")
         self.optimizer.step()
-        self.last_good_step = step + 1
         self.result.losses.append(loss.item())
         self._bar.set_postfix(loss=f"{self.result.losses[-1]:.4g}")
         if self.callback is not None:
@@ -91,11 +95,14 @@ class SliderRun:
         if self.checkpoint_path and every and done % every == 0 and done < self.config.iterations:
             self.save(self.checkpoint_path, done)
 
-    def save(self, path: str | Path, steps: int) -> None:
-        """Write the slider as it is now (atomic), with the metadata of `steps` steps."""
+    def export(self, steps: int) -> SliderWeights:
+        """The slider as it is now, with the metadata of `steps` steps."""
         weights = self.host.export(self.name)
         weights.metadata = self.metadata(steps)
-        save_slider(weights, path)
+        return weights
+
+    def save(self, path: str | Path, steps: int) -> None:
+        save_slider(self.export(steps), path)  # atomic
 
     def stop_diverged(self, step: int, what: str) -> None:
         saved = ""
@@ -108,8 +115,28 @@ class SliderRun:
 
     def finish(self) -> TrainResult:
         self.host.set_scales({})
-        self.result.weights = self.host.export(self.name)
-        self.result.weights.metadata = self.metadata(self.config.iterations)
+        self.result.weights = self.export(self.config.iterations)
         if self.checkpoint_path:
             save_slider(self.result.weights, self.checkpoint_path)
         return self.result
+
+
+def run_metadata(family: str, kind: str, config, steps: int, resolution: int, batch: int) -> dict[str, str]:
+    """The metadata every slider file carries, whatever trained it (the algorithm adds its own keys)."""
+    return {
+        META_FAMILY: family,
+        "sliders.format": "1",
+        "sliders.version": __version__,
+        "sliders.kind": kind,
+        "sliders.rank": str(config.rank),
+        "sliders.alpha": str(config.alpha),
+        "sliders.layers": config.layers,
+        "sliders.steps": str(steps),
+        "sliders.seed": str(config.seed),
+        "sliders.resolution": str(resolution),
+        "sliders.batch_size": str(batch),
+        # kohya-style keys so other UIs show something sensible
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        **config.to_metadata(),
+    }

@@ -82,24 +82,18 @@ class PeftSliderHost:
             raise SliderError(f"unknown slider(s) {sorted(unknown)}; attached: {self._names}")
         active = tuple(scales)
         layers = self._layers()
-        if active == self._active:  # same adapters as last time: only the scales change
+        if active != self._active:  # switching adapters is the costly part: only when the set changes
             for layer in layers:
-                for name, scale in scales.items():
-                    if name in layer.lora_A:
-                        layer.set_scale(name, float(scale))
-            return
+                layer.enable_adapters(bool(active))
+                if active:
+                    layer.set_adapter(list(active), inference_mode=True)
+            for name in self._trainable:  # enable/set_adapter touched requires_grad
+                for p in self.parameters(name):
+                    p.requires_grad_(True)
+            self._active = active
         for layer in layers:
-            if not active:
-                layer.enable_adapters(False)
-                continue
-            layer.enable_adapters(True)
-            layer.set_adapter(list(active), inference_mode=True)
             for name, scale in scales.items():
-                layer.set_scale(name, float(scale))
-        for name in self._trainable:  # set_adapter(inference_mode=True) froze them
-            for p in self.parameters(name):
-                p.requires_grad_(True)
-        self._active = active
+                layer.set_scale(name, float(scale))  # a no-op on layers the slider does not cover
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
