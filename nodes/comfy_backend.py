@@ -84,6 +84,7 @@ class ComfySliderHost:
         self._adapters: dict[str, dict[str, SliderDiff]] = {}
         self.changed = True
         self._trainable: set[str] = set()
+        self._identity_wrapped: set[str] = set()
 
     def lora_candidates(self) -> dict[str, str]:
         return dict(self._kinds)
@@ -122,6 +123,11 @@ class ComfySliderHost:
             self._trainable.add(name)
             self._wrap_other_weights()
 
+    def wrap_all_weights(self) -> None:
+        """Make every weight safe for autograd (see _wrap_other_weights), e.g. for gradients w.r.t. inputs."""
+        self._wrap_other_weights()
+        self.changed = True
+
     def _wrap_other_weights(self) -> None:
         """Every other weight gets an identity wrapper so autograd never saves an inference-mode tensor
         (ComfyUI loads weights under inference mode; the wrapper makes cast_bias_weight copy them)."""
@@ -131,8 +137,9 @@ class ComfySliderHost:
                 continue
             for kind in ("weight", "bias"):
                 key = f"diffusion_model.{module_name}.{kind}"
-                if getattr(module, kind, None) is not None and key not in wrapped:
+                if getattr(module, kind, None) is not None and key not in wrapped | self._identity_wrapped:
                     self.patcher.add_weight_wrapper(key, _copy_weight)
+                    self._identity_wrapped.add(key)
 
     def remove(self, name: str) -> None:
         if self._adapters.pop(name, None) is None:
@@ -185,6 +192,8 @@ class ComfyDenoiser:
         self.naming = UnetNaming(names, ldm_names=names, weight_shapes=shapes)
         self.default_resolution = _NATIVE_RESOLUTION.get(self.family, 512)
         self.forward_count = 0
+        self.ddim_scheduler = "normal"  # the host's sigma schedule for ddim_levels (inversion)
+        self._grad_ready = False
 
     @property
     def device(self) -> torch.device:
@@ -222,6 +231,9 @@ class ComfyDenoiser:
         return Cond({"context": torch.cat(contexts), "pooled": torch.cat(pooled)})
 
     def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if not self._grad_ready and torch.is_grad_enabled() and any(v.requires_grad for v in cond.tensors.values()):
+            self.sliders.wrap_all_weights()  # gradients w.r.t. the condition (null-text inversion)
+            self._grad_ready = True
         if self.sliders.changed:  # e.g. training on images calls predict() before any sample()
             self.load()
         device, dtype = self.device, self.model.get_dtype()
@@ -290,6 +302,23 @@ class ComfyDenoiser:
             x = x + eps.to(x.device) * (sigmas[i + 1] - sigmas[i])
         trajectory.final = x
         return trajectory
+
+    # -- deterministic sampling and its inversion: Euler on sigmas, which is DDIM for ε models ---------
+    def ddim_levels(self, steps: int) -> torch.Tensor:
+        if steps < 1:
+            raise SliderError(f"steps must be ≥ 1, got {steps}")
+        return comfy.samplers.calculate_sigmas(self.model.model_sampling, self.ddim_scheduler, steps).float().cpu()
+
+    def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
+                  next_level: torch.Tensor) -> torch.Tensor:
+        shape = (-1, *[1] * (x.dim() - 1))
+        step = (next_level.float() - level.float()).to(x.device).view(shape)
+        return x.float() + output.float().to(x.device) * step
+
+    def model_signature(self) -> list[float]:
+        modules = self.model.diffusion_model
+        return [float(modules.get_submodule(self.sliders.names_map[m]).weight.double().norm())
+                for m in ("conv_in", "conv_out")]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

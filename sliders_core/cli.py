@@ -13,6 +13,8 @@ from .config import LAYER_PRESETS, PairTrainConfig, TrainConfig, layer_presets_h
 from .errors import SliderError, TrainingDivergedError
 from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
+from .inversion import METHODS as INVERSION_METHODS
+from .inversion import InversionConfig
 
 EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl")
 DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
@@ -128,6 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--with", dest="others", action="append", default=[],
                     help="other FILE[:ALPHA] applied in every column")
     sw.add_argument("--out", required=True, help="PNG path")
+
+    inv = sub.add_parser("invert", help="null-text inversion of a photo, for editing it with sliders")
+    _model_args(inv)
+    inv.add_argument("--image", required=True, help="the photo (PNG/JPEG); resized and centre-cropped to --resolution")
+    inv.add_argument("--prompt", default="", help="a caption of the photo (the source prompt)")
+    inv.add_argument("--out", required=True, help="inversion file to write (.safetensors)")
+    inv.add_argument("--resolution", type=int, help="default: the model's native size")
+    inv_defaults = InversionConfig()
+    inv.add_argument("--steps", type=int, default=inv_defaults.steps)
+    inv.add_argument("--guidance", type=float, help="guidance of the edits (default: the model's, else 7.5)")
+    inv.add_argument("--method", choices=INVERSION_METHODS, default=inv_defaults.method,
+                     help="null-text (faithful, slower), negative-prompt (fast), ddim (the empty prompt: baseline)")
+    inv.add_argument("--inner-iterations", type=int, default=inv_defaults.inner_iterations)
+    inv.add_argument("--lr", type=float, default=inv_defaults.lr)
+
+    ed = sub.add_parser("edit", help="sample an inversion back with sliders (α = 0 everywhere: the reconstruction)")
+    _model_args(ed)
+    ed.add_argument("--inversion", required=True)
+    ed.add_argument("--slider", action="append", default=[], help="FILE[:ALPHA], repeatable; sliders compose")
+    ed.add_argument("--alphas", help="comma-separated α for the first --slider: one column each (a sweep)")
+    ed.add_argument("--start", type=float, default=0.5,
+                    help="fraction of the steps sampled without sliders (reference for real images: 0.5)")
+    ed.add_argument("--out", required=True, help="PNG path")
 
     info = sub.add_parser("info", help="show a slider file's keys and metadata")
     info.add_argument("file")
@@ -269,6 +294,49 @@ def cmd_sweep(args) -> dict:
     return {"grid": str(path), "alphas": alphas}
 
 
+def cmd_invert(args) -> dict:
+    from .image_pairs import read_image, square_image
+    from .inversion import invert, psnr, sample_inversion, save_inversion
+
+    if Path(args.out).suffix != ".safetensors":
+        raise SliderError(f"--out must end in .safetensors, got {args.out}")
+    denoiser = load_model(args.model, args.config, args.device)
+    config = InversionConfig(steps=args.steps, guidance=args.guidance or _sampling(denoiser)["guidance"],
+                             method=args.method, inner_iterations=args.inner_iterations, lr=args.lr)
+    image = square_image(read_image(Path(args.image)), args.resolution or denoiser.default_resolution)[None]
+    inversion = invert(denoiser, image, args.prompt, config, progress=True)
+    reconstruction = denoiser.decode(sample_inversion(denoiser, inversion))
+    path = save_inversion(inversion, args.out)
+    preview = _write_png(grid_image([image, reconstruction], ["photo", "reconstruction"]),
+                         path.with_name(path.stem + "_reconstruction.png"))
+    return {"inversion": str(path), "method": config.method, "steps": config.steps, "guidance": config.guidance,
+            "psnr_db": round(psnr(reconstruction, image), 2), "reconstruction": str(preview), **inversion.report}
+
+
+def cmd_edit(args) -> dict:
+    from .inversion import edit, load_inversion
+
+    inversion = load_inversion(args.inversion)
+    denoiser = load_model(args.model, args.config, args.device)
+    inversion.check_fits(denoiser)
+    scales = {}
+    for text in args.slider:
+        spec = SliderSpec.parse(text)
+        scales[attach_slider_file(denoiser, spec.path)] = spec.alpha
+    if args.alphas is not None:
+        if not scales:
+            raise SliderError("--alphas sweeps the first --slider: give one")
+        first = next(iter(scales))
+        alphas = parse_numbers(args.alphas, "--alphas")
+        columns = [edit(denoiser, inversion, {**scales, first: a}, args.start) for a in alphas]
+        labels = [f"alpha={a:g}" for a in alphas]
+    else:
+        columns = [edit(denoiser, inversion, scales, args.start)]
+        labels = [", ".join(f"{k}={v:g}" for k, v in scales.items()) or "reconstruction"]
+    path = _write_png(grid_image(columns, labels), args.out)
+    return {"image": str(path), "sliders": scales, "start": args.start, "steps": inversion.steps}
+
+
 def cmd_info(args) -> dict:
     tensors, metadata = read_state_dict(args.file)
     summary = {"kind": metadata.get("sliders.kind", "unknown (not made by this project)"), "keys": len(tensors),
@@ -283,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs,
-               "generate": cmd_generate, "sweep": cmd_sweep, "info": cmd_info}
+               "generate": cmd_generate, "sweep": cmd_sweep, "invert": cmd_invert, "edit": cmd_edit,
+               "info": cmd_info}
     started = time.perf_counter()
     try:
         summary = command[args.command](args)

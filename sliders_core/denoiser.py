@@ -8,7 +8,9 @@ to it. The algorithms only
   inversion — and a per-step slider scale — delayed LoRA), recording the trajectory,
 - attach, scale, switch off and export sliders through `SliderHost`,
 - noise given latents at a training level and name the output a perfect model would give there
-  (training on images: image-pair sliders, SliderSpace).
+  (training on images: image-pair sliders, SliderSpace),
+- take deterministic (DDIM) steps in either direction between the levels of a schedule (inverting a
+  real image and sampling it back: null-text inversion).
 
 Noise levels are opaque to the core (diffusers timesteps, ComfyUI sigmas, flow times): the core
 only hands back the levels a backend gave it, so the latent is always trained at the level it
@@ -126,3 +128,17 @@ class Denoiser(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images [B, H, W, 3] in 0..1 (float32, CPU)."""
+
+    # -- deterministic sampling and its inversion (real-image editing) ------------------------------
+    def ddim_levels(self, steps: int) -> torch.Tensor:
+        """[steps + 1] levels of a deterministic `steps`-step schedule, noisiest first; the last is the
+        clean image and is never a model input."""
+
+    def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
+                  next_level: torch.Tensor) -> torch.Tensor:
+        """DDIM (η = 0): move x from `level` to `next_level` along the model output predicted there.
+        Towards a noisier level it is the DDIM inversion step. Differentiable."""
+
+    def model_signature(self) -> list[float]:
+        """A few numbers that tell one checkpoint from another (norms of the first and last convolutions),
+        so a file made on one model is refused on another of the same family."""

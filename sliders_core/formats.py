@@ -22,7 +22,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,13 +275,20 @@ def safe_output_path(folder: str | Path, name: str, suffix: str = ".safetensors"
 
 
 def save_slider(weights: SliderWeights, path: str | Path) -> Path:
-    """Write kohya safetensors atomically: a temp file in the same folder, fsync, then rename."""
+    """Write kohya safetensors atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SliderError(f"sliders are saved as .safetensors, got {path.name}")
+    return write_safetensors(to_kohya_state_dict(weights), weights.metadata, path)
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], path: str | Path) -> Path:
+    """Atomic write: a temp file in the same folder, fsync, then rename (no half-written file, ever)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = to_kohya_state_dict(weights)
-    metadata = {k: str(v) for k, v in weights.metadata.items()}
+    # a packed copy of each: safetensors refuses shared memory and non-contiguous (channels_last) tensors
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    metadata = {k: str(v) for k, v in metadata.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -290,7 +297,7 @@ def save_slider(weights: SliderWeights, path: str | Path) -> Path:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a slider file is a normal, shareable file
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these are normal, shareable files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -298,13 +305,45 @@ def save_slider(weights: SliderWeights, path: str | Path) -> Path:
     return path
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file; never unpickles arbitrary objects."""
+# An inversion file (sliders_core.inversion): the start latent, the schedule, the source prompt's
+# condition and one unconditional condition per step (or one shared by every step).
+def inversion_state_dict(latent: torch.Tensor, levels: torch.Tensor, cond: Mapping[str, torch.Tensor],
+                         unconds: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> dict:
+    out = {"latent": latent.float(), "levels": levels}
+    out.update({f"cond.{k}": v for k, v in cond.items()})
+    if isinstance(unconds, Mapping):
+        out.update({f"uncond.shared.{k}": v for k, v in unconds.items()})
+    else:
+        for i, uncond in enumerate(unconds):
+            out.update({f"uncond.{i}.{k}": v for k, v in uncond.items()})
+    return out
+
+
+def split_inversion_state_dict(tensors: Mapping[str, torch.Tensor], steps: int, source: str):
+    """→ (latent, levels, cond, [uncond per step]); a missing or stray key is a corrupt file."""
+    def group(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    cond, shared = group("cond."), group("uncond.shared.")
+    unconds = [shared] * steps if shared else [group(f"uncond.{i}.") for i in range(steps)]
+    expected = {"latent", "levels", *(f"cond.{k}" for k in cond)}
+    expected |= {f"uncond.shared.{k}" for k in shared} if shared else {
+        f"uncond.{i}.{k}" for i, u in enumerate(unconds) for k in u}
+    if "latent" not in tensors or "levels" not in tensors or not cond or any(not u for u in unconds) \
+            or set(tensors) != expected or any(set(u) != set(cond) for u in unconds):
+        raise SliderError(f"{source}: not a complete inversion file (keys for {steps} steps expected); "
+                          "it is corrupt or was written by something else — invert the image again")
+    return tensors["latent"], tensors["levels"], cond, unconds
+
+
+def read_state_dict(path: str | Path, what: str = "slider") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA (or inversion) file; never unpickles arbitrary objects."""
     path = Path(path)
     if not path.is_file():
-        raise SliderError(f"slider file not found: {path}")
-    if path.suffix not in SLIDER_SUFFIXES:
-        raise SliderError(f"{path.name}: unsupported slider file type; expected one of {SLIDER_SUFFIXES}")
+        raise SliderError(f"{what} file not found: {path}")
+    suffixes = SLIDER_SUFFIXES if what == "slider" else (".safetensors",)
+    if path.suffix not in suffixes:
+        raise SliderError(f"{path.name}: unsupported {what} file type; expected one of {suffixes}")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:

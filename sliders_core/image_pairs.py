@@ -105,7 +105,10 @@ def _images(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _read(path: Path) -> torch.Tensor:
+def read_image(path: Path) -> torch.Tensor:
+    """An image file → [H, W, 3] float 0..1; unreadable files name themselves."""
+    if not path.is_file():
+        raise SliderError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
@@ -162,5 +165,5 @@ def pair_folders(folder: str | Path) -> list[tuple[float, str, Path, Path]]:
 
 def load_pair_folder(folder: str | Path, resolution: int) -> ImagePairs:
     entries = pair_folders(folder)
-    a, b = [_read(e[2]) for e in entries], [_read(e[3]) for e in entries]
+    a, b = [read_image(e[2]) for e in entries], [read_image(e[3]) for e in entries]
     return _checked(a, b, resolution, [e[0] for e in entries], [e[1] for e in entries])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     SchedulerMixin,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -207,6 +208,43 @@ class DiffusersDenoiser:
             x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
         trajectory.final = x
         return trajectory
+
+    # -- deterministic sampling and its inversion ---------------------------------------------------
+    def ddim_levels(self, steps: int) -> torch.Tensor:
+        """DDIM timesteps with 'leading' spacing and the config's offset (the reference's: 981 … 1 for SD
+        at 50 steps), then −1 for the clean end (ᾱ = 1, or ᾱ_0 when set_alpha_to_one = false, as DDIM).
+        Not 'trailing': its first level t = 999 has ᾱ ≈ 0 on zero-terminal-SNR-like schedules (2.5e-6 on
+        the shapes model's cosine), where a DDIM step divides by √ᾱ and inversion cannot come back."""
+        if steps < 1:
+            raise SliderError(f"steps must be ≥ 1, got {steps}")
+        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config, timestep_spacing="leading")
+        scheduler.set_timesteps(steps)
+        return torch.cat([scheduler.timesteps.long(), torch.tensor([-1])])
+
+    def _ddim_alpha_bar(self, level: torch.Tensor) -> torch.Tensor:
+        level = level.to(self._device).view(-1, 1, 1, 1)
+        alphas = self._alpha_bar(level.clamp(min=0).flatten()).view(-1, 1, 1, 1)
+        to_one = self.pipe.scheduler.config.get("set_alpha_to_one", True)
+        clean = torch.ones_like(alphas) if to_one else self._alpha_bar(torch.zeros(1, dtype=torch.long))
+        return torch.where(level < 0, clean, alphas)
+
+    def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
+                  next_level: torch.Tensor) -> torch.Tensor:
+        a, a_next = self._ddim_alpha_bar(level), self._ddim_alpha_bar(next_level)
+        x, output = x.float(), output.float()
+        kind = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if kind == "epsilon":
+            eps, x0 = output, (x - (1 - a).sqrt() * output) / a.sqrt()
+        elif kind == "v_prediction":
+            eps, x0 = a.sqrt() * output + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * output
+        elif kind == "sample":
+            eps, x0 = (x - a.sqrt() * output) / (1 - a).sqrt(), output
+        else:
+            raise SliderError(f"unknown prediction_type {kind!r}")
+        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+    def model_signature(self) -> list[float]:
+        return [float(self.unet.get_submodule(m).weight.double().norm()) for m in ("conv_in", "conv_out")]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
