@@ -2,6 +2,7 @@
 
 from .apply_nodes import ApplySlider, LoadSlider, SliderStack
 from .image_nodes import LoadImagePairs
+from .inversion_nodes import InversionSampler, LoadInversion, NullTextInvert, SaveInversion
 from .sampling_nodes import DelayedLoraSampler, SliderSweep
 from .train_nodes import TrainPairSlider, TrainTextSlider
 
@@ -14,6 +15,10 @@ _NODES = {
     "ConceptSlidersStack": (SliderStack, "Slider Stack"),
     "ConceptSlidersDelayedSampler": (DelayedLoraSampler, "Delayed-LoRA Sampler"),
     "ConceptSlidersSweep": (SliderSweep, "Slider Sweep"),
+    "ConceptSlidersNullTextInvert": (NullTextInvert, "Null-Text Invert"),
+    "ConceptSlidersInversionSampler": (InversionSampler, "Inversion Sampler"),
+    "ConceptSlidersSaveInversion": (SaveInversion, "Save Inversion"),
+    "ConceptSlidersLoadInversion": (LoadInversion, "Load Inversion"),
 }
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in _NODES.items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import comfy.model_management
 import comfy.samplers
@@ -25,6 +26,9 @@ from ..sliders_core.denoiser import Cond, SliderSchedule, Trajectory
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import UnetNaming
 from ..sliders_core.slider_weights import LoraModule, SliderWeights, modules_to_attach
+
+if TYPE_CHECKING:
+    from ..sliders_core.inversion import Inversion
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
              "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega"}
@@ -317,7 +321,7 @@ class ComfyDenoiser:
 
     def model_signature(self) -> list[float]:
         modules = self.model.diffusion_model
-        return [float(modules.get_submodule(self.sliders.names_map[m]).weight.double().norm())
+        return [float(modules.get_submodule(self.sliders.names_map[m]).weight.detach().double().norm())
                 for m in ("conv_in", "conv_out")]
 
     @torch.no_grad()
@@ -332,3 +336,73 @@ class ComfyDenoiser:
         if self.vae is None:
             raise SliderError("a VAE is needed to decode images")
         return self.vae.decode(self.model.process_latent_out(latents)).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling an inversion with the host's own guider and Euler sampler
+# ---------------------------------------------------------------------------------------------
+def step_of(sigma: torch.Tensor, sample_sigmas: torch.Tensor) -> int:
+    """Index of the sampling step a model call at `sigma` belongs to."""
+    return int((sample_sigmas[:-1] > sigma.max().item() * (1 + 1e-5)).sum().item())
+
+
+def cond_from_conditioning(conditioning) -> Cond:
+    """A CONDITIONING (first entry) → the core's Cond (context + pooled, as ComfyDenoiser.encode gives)."""
+    if not conditioning:
+        raise SliderError("the CONDITIONING is empty")
+    context, extras = conditioning[0][0], conditioning[0][1]
+    pooled = extras.get("pooled_output")
+    return Cond({"context": context.detach().clone().float(),
+                 "pooled": pooled.detach().clone().float() if pooled is not None else torch.zeros(1, 1)})
+
+
+def conditioning_from_cond(cond: Cond, width: int, height: int) -> list:
+    """The core's Cond → a CONDITIONING whose size conditioning (SDXL) matches what predict() used."""
+    extras = {"pooled_output": cond.tensors["pooled"], "width": width, "height": height,
+              "target_width": width, "target_height": height}
+    return [[cond.tensors["context"], extras]]
+
+
+class InversionGuider(comfy.samplers.CFGGuider):
+    """CFG with one unconditional per step (null-text inversion): the step comes from the sigma being
+    sampled, read against the run's `sample_sigmas`."""
+
+    def __init__(self, patcher, inversion: Inversion, width: int, height: int):
+        super().__init__(patcher)
+        distinct = list({id(u): u for u in inversion.unconds}.values())  # a shared unconditional once
+        self.uncond_of_step = [next(j for j, u in enumerate(distinct) if u is s) for s in inversion.unconds]
+        conds = {"positive": conditioning_from_cond(inversion.cond, width, height)}
+        conds.update({f"uncond_{j}": conditioning_from_cond(u, width, height) for j, u in enumerate(distinct)})
+        self.inner_set_conds(conds)
+        # negative-prompt inversion: ∅ = c, so CFG is the conditional prediction itself (one forward, not two)
+        self.set_cfg(1.0 if inversion.method == "negative-prompt" else inversion.guidance)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (the host's signature)
+        step = step_of(timestep, model_options["transformer_options"]["sample_sigmas"])
+        uncond = self.conds[f"uncond_{self.uncond_of_step[min(step, len(self.uncond_of_step) - 1)]}"]
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, uncond, self.conds["positive"],
+                                                self.cfg, model_options=model_options, seed=seed)
+
+
+class _FromGivenLatent(comfy.samplers.KSAMPLER):
+    """Euler from a given x at sigmas[0] (the inverted latent), never re-scaled as fresh noise."""
+
+    def max_denoise(self, model_wrap, sigmas):
+        return False
+
+
+def sample_inversion_in_host(patcher, inversion: Inversion, callback=None) -> torch.Tensor:
+    """The inversion sampled back by the host (its guider, its Euler sampler, any model patches and
+    slider wrappers on `patcher`) → LATENT samples."""
+    import comfy.k_diffusion.sampling
+
+    sigmas = inversion.levels.float()
+    x_start = inversion.latent.float().cpu()
+    height, width = x_start.shape[-2] * 8, x_start.shape[-1] * 8
+    guider = InversionGuider(patcher, inversion, width, height)
+    model_sampling = patcher.get_model_object("model_sampling")
+    # the sampler starts at noise_scaling(σ_0, noise, 0): hand it the noise that lands exactly on x_start
+    scale = model_sampling.noise_scaling(sigmas[:1], torch.ones_like(x_start), torch.zeros_like(x_start))
+    sampler = _FromGivenLatent(comfy.k_diffusion.sampling.sample_euler)
+    return guider.sample(x_start / scale, torch.zeros_like(x_start), sampler, sigmas, callback=callback,
+                         disable_pbar=True, seed=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..sliders_core.config import parse_numbers
 from ..sliders_core.inference import grid_image
 from .apply_nodes import ALPHA_INPUT
@@ -25,18 +23,13 @@ def _sampler_inputs() -> dict:
     }
 
 
-def step_of(sigma: torch.Tensor, sample_sigmas: torch.Tensor) -> int:
-    """Index of the sampling step a model call at `sigma` belongs to."""
-    return int((sample_sigmas[:-1] > sigma.max().item() * (1 + 1e-5)).sum().item())
-
-
 def scheduled_patcher(model, slider: SliderFile):
     """A MODEL clone carrying the slider as weight wrappers plus a unet wrapper that sets α per step.
 
     Returns (patcher, set_schedule): set_schedule(list of α per step) before each sampling run.
     One pass with per-step weights is exact for ancestral and SDE samplers too, unlike a two-KSampler split.
     """
-    from .comfy_backend import ComfySliderHost, module_names
+    from .comfy_backend import ComfySliderHost, module_names, step_of
 
     weights = slider.resolve(model)
     patcher = model.clone()

@@ -72,6 +72,7 @@ class Inversion:
     family: str
     signature: list[float]
     prompt: str = ""
+    scheduler: str = ""  # the backend's name for the schedule `levels` came from
     report: dict = field(default_factory=dict)
 
     @property
@@ -185,28 +186,31 @@ def optimise_null_text(denoiser: Denoiser, states: Sequence[torch.Tensor], level
 
 
 def invert(denoiser: Denoiser, images: torch.Tensor, prompt: str, config: InversionConfig | None = None, *,
-           callback: InversionCallback | None = None, progress: bool = False) -> Inversion:
-    """Images [B, H, W, 3] in 0..1 (the model's resolution multiple) → an Inversion of each."""
+           cond: Cond | None = None, empty: Cond | None = None, callback: InversionCallback | None = None,
+           progress: bool = False) -> Inversion:
+    """Images [B, H, W, 3] in 0..1 (the model's resolution multiple) → an Inversion of each. `cond` /
+    `empty` replace the encoded source prompt / empty prompt when given (e.g. a graph's CONDITIONING)."""
     config = config or InversionConfig()
     config.validate()
     started, forwards = time.perf_counter(), getattr(denoiser, "forward_count", 0)
     levels = denoiser.ddim_levels(config.steps)
     x_clean = denoiser.encode_images(images)
-    cond = denoiser.encode([prompt])
+    cond = cond if cond is not None else denoiser.encode([prompt])
     states = ddim_invert(denoiser, x_clean, cond, levels)
     report: dict = {}
+    if config.method != "negative-prompt" and empty is None:
+        empty = denoiser.encode([""])
     if config.method == "null-text":
-        unconds, losses, iterations = optimise_null_text(denoiser, states, levels, cond, denoiser.encode([""]),
-                                                         config, callback, progress)
+        unconds, losses, iterations = optimise_null_text(denoiser, states, levels, cond, empty, config, callback,
+                                                         progress)
         report.update(final_loss_max=max(losses), backward_passes=iterations)
     else:
-        uncond = cond if config.method == "negative-prompt" else denoiser.encode([""])
-        unconds = [uncond] * config.steps
+        unconds = [cond if config.method == "negative-prompt" else empty] * config.steps
     report.update(seconds=round(time.perf_counter() - started, 3),
                   forwards=getattr(denoiser, "forward_count", 0) - forwards, images=int(x_clean.shape[0]))
     return Inversion(latent=states[0], cond=cond, unconds=unconds, levels=levels.cpu(), guidance=config.guidance,
                      method=config.method, family=denoiser.family, signature=denoiser.model_signature(),
-                     prompt=prompt, report=report)
+                     prompt=prompt, scheduler=getattr(denoiser, "ddim_scheduler", "ddim"), report=report)
 
 
 @torch.no_grad()
@@ -253,7 +257,8 @@ def save_inversion(inversion: Inversion, path: str | Path) -> Path:
     metadata = {"sliders.kind": "inversion", "inversion.version": FORMAT_VERSION, "inversion.steps": inversion.steps,
                 "inversion.guidance": inversion.guidance, "inversion.method": inversion.method,
                 "inversion.family": inversion.family, "inversion.signature": json.dumps(inversion.signature),
-                "inversion.prompt": inversion.prompt, "inversion.report": json.dumps(inversion.report)}
+                "inversion.prompt": inversion.prompt, "inversion.scheduler": inversion.scheduler,
+                "inversion.report": json.dumps(inversion.report)}
     return write_safetensors(tensors, metadata, path)
 
 
@@ -270,7 +275,8 @@ def load_inversion(path: str | Path) -> Inversion:
             latent=latent, cond=Cond(cond), unconds=[as_conds[id(u)] for u in unconds], levels=levels,
             guidance=float(metadata["inversion.guidance"]), method=metadata["inversion.method"],
             family=metadata["inversion.family"], signature=json.loads(metadata["inversion.signature"]),
-            prompt=metadata.get("inversion.prompt", ""), report=json.loads(metadata.get("inversion.report", "{}")))
+            prompt=metadata.get("inversion.prompt", ""), scheduler=metadata.get("inversion.scheduler", ""),
+            report=json.loads(metadata.get("inversion.report", "{}")))
     except (KeyError, ValueError) as exc:
         raise SliderError(f"{path.name}: corrupt inversion metadata ({exc})") from exc
 

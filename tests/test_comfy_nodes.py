@@ -370,3 +370,122 @@ def test_load_image_pairs_node_reads_a_folder_under_input(tmp_path, monkeypatch)
     assert images_a.shape == images_b.shape == (2, 32, 32, 3) and strengths == "1, 1"
     with pytest.raises(SliderError, match="directly under the input directory"):
         node().load("../faces", 32)
+
+
+# -- null-text inversion ----------------------------------------------------------------------------
+def _photo(side=64, seed=3):
+    return torch.rand(1, side, side, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def invert_node(model, clip, vae, image=None, **overrides):
+    args = dict(model=model, vae=vae, image=_photo() if image is None else image, source_prompt="a person",
+                steps=4, cfg=7.5, method="null-text", inner_iterations=3, scheduler="normal", clip=clip)
+    args.update(overrides)
+    with torch.inference_mode():
+        return NODE_CLASS_MAPPINGS["ConceptSlidersNullTextInvert"]().invert(**args)["result"]
+
+
+def inversion_sample(model, inversion, slider=None, alpha=0.0, start_at=0.5):
+    with torch.inference_mode():
+        return NODE_CLASS_MAPPINGS["ConceptSlidersInversionSampler"]().sample(model, inversion, alpha, start_at,
+                                                                              slider)[0]["samples"]
+
+
+def test_invert_node_alpha_zero_edit_is_its_reconstruction_exactly(loras):
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    inversion, reconstruction, score, report = invert_node(patcher, clip, vae)
+    assert reconstruction.shape == (1, 64, 64, 3) and "PSNR" in report and score == pytest.approx(
+        float(report.split("PSNR ")[1].split(" dB")[0]), abs=0.01)
+    slider, _ = train(patcher, clip, iterations=3, lr=0.05)
+    at_zero = vae.decode(inversion_sample(patcher, inversion, slider, 0.0)).float()
+    assert torch.equal(at_zero, reconstruction)
+    edited = vae.decode(inversion_sample(patcher, inversion, slider, 3.0, start_at=0.25)).float()
+    assert not torch.allclose(edited, reconstruction)
+
+
+def test_host_guider_samples_what_the_core_samples():
+    """The node's sampling path (host guider + Euler, one unconditional per step) equals the core's loop."""
+    from concept_sliders_pack.nodes.comfy_backend import sample_inversion_in_host
+    from concept_sliders_pack.sliders_core.inversion import InversionConfig, invert, sample_inversion
+
+    patcher = comfy_support.tiny_sd15_patcher()
+    denoiser = ComfyDenoiser(patcher, FakeClip(), comfy_support.tiny_vae())
+    with torch.inference_mode(False):
+        inversion = invert(denoiser, _photo(), "a person", InversionConfig(steps=4, inner_iterations=2, lr=0.1))
+        core = patcher.model.process_latent_out(sample_inversion(denoiser, inversion))
+    host = sample_inversion_in_host(patcher, inversion)
+    torch.testing.assert_close(host, core.cpu(), rtol=2e-3, atol=2e-3)  # CFG on x0 vs on ε: rounding only
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_null_text_beats_plain_ddim_on_the_comfy_backend(kind):
+    from concept_sliders_pack.sliders_core.inversion import InversionConfig, invert, sample_inversion
+
+    patcher = getattr(comfy_support, f"tiny_{kind}_patcher")()
+    clip = FakeClip(dim=768 if kind == "sd15" else 2048)
+    denoiser = ComfyDenoiser(patcher, clip, comfy_support.tiny_vae())
+    photo = _photo()
+    errors = {}
+    with torch.inference_mode(False):
+        x_clean = denoiser.encode_images(photo)
+        for method in ("ddim", "null-text"):
+            inversion = invert(denoiser, photo, "a person", InversionConfig(steps=6, method=method, lr=0.1))
+            errors[method] = (sample_inversion(denoiser, inversion) - x_clean).pow(2).mean().item()
+    assert errors["null-text"] < 0.5 * errors["ddim"], errors
+    if kind == "sdxl":  # the pooled embedding of the unconditional branch is optimised too
+        assert not torch.equal(inversion.unconds[-1].tensors["pooled"], denoiser.encode([""]).tensors["pooled"])
+
+
+def test_inversion_nodes_refuse_another_model_or_schedule_and_bad_input(loras):
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    inversion = invert_node(patcher, clip, vae, method="negative-prompt")[0]
+    with pytest.raises(SliderError, match="made on a 'sd1' model"):
+        inversion_sample(comfy_support.tiny_sdxl_patcher(), inversion)
+    with pytest.raises(SliderError, match="another checkpoint"):
+        inversion_sample(comfy_support.tiny_sd15_patcher(seed=7), inversion)
+    inversion.scheduler = "karras"
+    with pytest.raises(SliderError, match="another noise schedule"):
+        inversion_sample(patcher, inversion)
+    with pytest.raises(SliderError, match="multiples of 8"):
+        invert_node(patcher, clip, vae, image=_photo(side=60))
+    with pytest.raises(SliderError, match="connect a CLIP"):
+        invert_node(patcher, None, vae)
+
+
+def test_invert_node_takes_a_conditioning_instead_of_clip(loras):
+    patcher, vae = comfy_support.tiny_sd15_patcher(), comfy_support.tiny_vae()
+    inversion = invert_node(patcher, None, vae, conditioning=FakeClip().conditioning("a person"), inner_iterations=1)[0]
+    assert torch.equal(inversion.cond.tensors["context"], FakeClip().conditioning("a person")[0][0])
+
+
+def test_save_and_load_inversion_nodes(tmp_path, monkeypatch, loras):
+    folder_paths = C["folder_paths"]
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    inversion = invert_node(patcher, clip, vae, inner_iterations=1)[0]
+    NODE_CLASS_MAPPINGS["ConceptSlidersSaveInversion"]().save(inversion, "photo")
+    load = NODE_CLASS_MAPPINGS["ConceptSlidersLoadInversion"]
+    assert load.INPUT_TYPES()["required"]["name"][0] == ["photo.safetensors"]
+    loaded = load().load("photo.safetensors")[0]
+    assert torch.equal(inversion_sample(patcher, loaded), inversion_sample(patcher, inversion))
+    with pytest.raises(SliderError, match="path separators"):
+        load().load("../photo.safetensors")
+    (tmp_path / "inversions" / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(SliderError, match="corrupt"):
+        load().load("bad.safetensors")
+
+
+def test_cancel_stops_inversion_within_one_model_call(loras, monkeypatch):
+    model_management = C["model_management"]
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 2:
+            raise model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt)
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    with pytest.raises(model_management.InterruptProcessingException):
+        invert_node(patcher, clip, vae, inner_iterations=5)
+    assert len(calls) == 2

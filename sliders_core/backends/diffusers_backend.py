@@ -244,7 +244,7 @@ class DiffusersDenoiser:
         return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
     def model_signature(self) -> list[float]:
-        return [float(self.unet.get_submodule(m).weight.double().norm()) for m in ("conv_in", "conv_out")]
+        return [float(self.unet.get_submodule(m).weight.detach().double().norm()) for m in ("conv_in", "conv_out")]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
