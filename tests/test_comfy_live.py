@@ -46,7 +46,8 @@ TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "wor
 WORKFLOWS = REPO / "example_workflows" if (REPO / "example_workflows").is_dir() else REPO / "workflows"
 PACK_NODE_IDS = ("ConceptSlidersTrainText", "ConceptSlidersTrainPairs", "ConceptSlidersLoadImagePairs",
                  "ConceptSlidersLoad", "ConceptSlidersApply", "ConceptSlidersStack",
-                 "ConceptSlidersDelayedSampler", "ConceptSlidersSweep")
+                 "ConceptSlidersDelayedSampler", "ConceptSlidersSweep", "ConceptSlidersNullTextInvert",
+                 "ConceptSlidersInversionSampler", "ConceptSlidersSaveInversion", "ConceptSlidersLoadInversion")
 DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
 
 
@@ -384,6 +385,7 @@ def server(tmp_path_factory):
     (base / "models" / "checkpoints" / CKPT_NAME).symlink_to(ckpt)
     (base / "custom_nodes" / "comfyui-concept-sliders").symlink_to(REPO, target_is_directory=True)
     _write_pairs(base / "input" / PAIRS_FOLDER)
+    _write_photo(base / "input" / PHOTO)
 
     port = _free_port()
     log_path = base / "server.log"
@@ -414,6 +416,13 @@ def server(tmp_path_factory):
 
 
 PAIRS_FOLDER = "slider_pairs"  # the folder the pair workflow loads from input/
+PHOTO = "photo.png"  # the photo the inversion workflow loads from input/
+
+
+def _write_photo(path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(path)
 
 
 def _write_pairs(folder: Path, n: int = 2) -> None:
@@ -440,6 +449,14 @@ def shrink(api: dict, tag: str) -> dict:
             inputs.update(folder=PAIRS_FOLDER, resolution=64)
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
+        elif kind == "LoadImage":
+            inputs["image"] = PHOTO
+        elif kind == "ImageScale":
+            inputs.update(width=64, height=64)
+        elif kind == "ConceptSlidersNullTextInvert":
+            inputs["inner_iterations"] = 2
+        elif kind == "ConceptSlidersSaveInversion":
+            inputs["name"] = f"live_{tag}_{node_id}"
         elif kind == "SaveImage":
             inputs["filename_prefix"] = f"live/{tag}/{node_id}"
         if "steps" in inputs and not gen.is_link(inputs["steps"]):
@@ -784,3 +801,34 @@ def test_interrupt_stops_training_and_leaves_no_file(server):
     assert not leftovers, leftovers
     assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
     assert server.alive()
+
+
+@live
+def test_inversion_workflow_alpha_zero_is_the_reconstruction(server, base_slider):
+    """Through the running graph: the Inversion Sampler at α = 0 reproduces Null-Text Invert's reconstruction
+    pixel for pixel, the file Save Inversion wrote loads back through Load Inversion, and α moves the image."""
+    prompt = shrink(API_WORKFLOWS["edit_photo_with_slider"], "alpha0")
+    prompt["30"] = {"class_type": "ConceptSlidersInversionSampler", "inputs": {
+        "model": ["1", 0], "inversion": ["4", 0], "alpha": 0.0, "start_at": 0.5, "slider": ["7", 0]}}
+    prompt["31"] = {"class_type": "VAEDecode", "inputs": {"samples": ["30", 0], "vae": ["1", 2]}}
+    prompt["32"] = {"class_type": "SaveImage", "inputs": {"images": ["31", 0], "filename_prefix": "live/alpha0"}}
+    entry = server.run(prompt)
+    assert_success(entry)
+    reconstruction = pixels(saved_images(server, entry, "5")[0])
+    assert (pixels(saved_images(server, entry, "32")[0]) == reconstruction).all()
+    saved = server.output / "inversions" / "live_alpha0_6.safetensors"
+    assert saved.is_file()
+    reload = {
+        "1": prompt["1"], "7": prompt["7"],
+        "2": {"class_type": "ConceptSlidersLoadInversion", "inputs": {"name": saved.name}},
+        "3": {"class_type": "ConceptSlidersInversionSampler", "inputs": {
+            "model": ["1", 0], "inversion": ["2", 0], "alpha": 0.0, "start_at": 0.5, "slider": ["7", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "live/reloaded"}},
+    }
+    entry = server.run(reload)
+    assert_success(entry)
+    assert (pixels(saved_images(server, entry, "5")[0]) == reconstruction).all()
+    entry = server.run(shrink(API_WORKFLOWS["edit_photo_with_slider"], "alpha"))
+    assert_success(entry)
+    assert any((pixels(p) != reconstruction).any() for p in saved_images(server, entry, "23"))

@@ -34,12 +34,14 @@ REPO = HERE.parent
 SNAPSHOT = REPO / "tests" / "comfy_object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # combos whose options depend on the user's files (models, input folders): values are not checked against them
-FILE_COMBOS = {"ckpt_name", "lora_name", "slider_name", "resume_from", "vae_name", "unet_name", "clip_name", "folder"}
+FILE_COMBOS = {"ckpt_name", "lora_name", "slider_name", "resume_from", "vae_name", "unet_name", "clip_name", "folder",
+               "image", "name"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
 SEED_CONTROL_VALUE = "fixed"
 UI_VERSION = 0.4
 COLUMN_WIDTH = 420
-NODE_WIDTH = {"ConceptSlidersTrainText": 400, "ConceptSlidersTrainPairs": 400, "ConceptSlidersSweep": 340, "ConceptSlidersDelayedSampler": 340}
+NODE_WIDTH = {"ConceptSlidersTrainText": 400, "ConceptSlidersTrainPairs": 400, "ConceptSlidersSweep": 340,
+              "ConceptSlidersDelayedSampler": 340, "ConceptSlidersNullTextInvert": 360}
 
 
 # ------------------------------------------------------------------------------------------------
