@@ -75,3 +75,25 @@ def test_slider_for_another_family_is_refused_by_the_cli(tmp_path, prompt_file, 
     code, _, err = run(capsys, "generate", "--model", "tiny-sd1", "--prompt", "x", "--slider", summary["slider"],
                        "--out", tmp_path / "x.png")
     assert code == 2 and "base family" in err
+
+
+def test_invert_then_edit(tmp_path, prompt_file, sd1_folder, capsys):
+    import numpy as np
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photo)
+    inv = tmp_path / "inv.safetensors"
+    code, summary, _ = run(capsys, "invert", "--model", sd1_folder, "--image", photo, "--prompt", "a person",
+                           "--out", inv, "--steps", 4, "--inner-iterations", 2)
+    assert code == 0 and inv.is_file() and summary["steps"] == 4 and summary["psnr_db"] > 0
+    assert Image.open(summary["reconstruction"]).size[0] > 0
+    code, trained, _ = run(capsys, "train", "--model", sd1_folder, "--prompts", prompt_file, "--out-dir", tmp_path,
+                           "--name", "age", "--iterations", 2, "--resolution", 32)
+    out = tmp_path / "edits.png"
+    code, summary, _ = run(capsys, "edit", "--model", sd1_folder, "--inversion", inv, "--slider", trained["slider"],
+                           "--alphas=-2,0,2", "--out", out)
+    assert code == 0 and out.is_file() and summary["steps"] == 4
+    code, _, err = run(capsys, "edit", "--model", "tiny-sdxl", "--inversion", inv, "--out", out)
+    assert code == 2 and "made on a" in err
+    code, _, err = run(capsys, "invert", "--model", sd1_folder, "--image", tmp_path / "none.png", "--out", inv)
+    assert code == 2 and "image not found" in err
