@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--pair-lr", type=float, default=3e-3,
                         help="lr of the pair sliders (their gradients are weaker: the LoRA only sees the images' residual)")
     parser.add_argument("--seeds", type=int, default=48)
+    parser.add_argument("--trajectory-reuse", type=int, default=TrainConfig.trajectory_reuse,
+                        help="iterations per frozen trajectory for the text sliders (default: the trainer's)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--threads", type=int, default=2)
@@ -114,12 +116,14 @@ def main() -> None:
 
     train_seconds = {}
     for name, pair in SLIDERS.items():
-        config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0)
+        config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0,
+                             trajectory_reuse=args.trajectory_reuse)
         result = train_text_slider(denoiser, [pair], config, name=name.replace("-", "_"), progress=True)
         train_seconds[name] = result.seconds
         print(f"trained {name}: {result.seconds:.0f} s, loss {result.losses[0]:.4g} → {np.mean(result.losses[-20:]):.4g}")
     # the old 'noxattn' layer set (now 'noxattn-ff'): same size slider, other layers
-    config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0, layers="noxattn-ff")
+    config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0, layers="noxattn-ff",
+                         trajectory_reuse=args.trajectory_reuse)
     train_seconds["size-ff"] = train_text_slider(denoiser, [SLIDERS["size"]], config, name="size_ff").seconds
     for name, concept in PAIR_SLIDERS.items():
         a, b = render_concept_pairs(concept, N_PAIRS, seed=0)

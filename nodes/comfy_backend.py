@@ -22,7 +22,7 @@ import torch
 from comfy.weight_adapter.lora import LoraDiff
 
 from ..sliders_core.config import classify_unet_module
-from ..sliders_core.denoiser import Cond, SliderSchedule, Trajectory
+from ..sliders_core.denoiser import Cond, SampleCallback, SliderSchedule, Trajectory
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import UnetNaming
 from ..sliders_core.slider_weights import LoraModule, SliderWeights, modules_to_attach
@@ -274,7 +274,8 @@ class ComfyDenoiser:
     @torch.no_grad()
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None, record: bool = False,
-               generator: torch.Generator | None = None, progress: bool = False) -> Trajectory:
+               generator: torch.Generator | None = None, progress: bool = False,
+               callback: SampleCallback | None = None) -> Trajectory:
         """Deterministic Euler (DDIM-equivalent) sampling on the model's own sigma schedule."""
         self.load()
         sigmas = comfy.samplers.calculate_sigmas(self.model.model_sampling, "normal", steps).float()
@@ -304,6 +305,8 @@ class ComfyDenoiser:
                 trajectory.levels.append(sigma.clone())
                 trajectory.cond_outputs.append(eps_c.clone())
             x = x + eps.to(x.device) * (sigmas[i + 1] - sigmas[i])
+            if callback is not None:
+                callback(i + 1, steps)
         trajectory.final = x
         return trajectory
 
@@ -406,3 +409,25 @@ def sample_inversion_in_host(patcher, inversion: Inversion, callback=None) -> to
     sampler = _FromGivenLatent(comfy.k_diffusion.sampling.sample_euler)
     return guider.sample(x_start / scale, torch.zeros_like(x_start), sampler, sigmas, callback=callback,
                          disable_pbar=True, seed=0)
+
+
+def ksample(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, *, denoise=1.0,
+            progress=None, offset: int = 0) -> dict:
+    """The stock KSampler (`nodes.common_ksampler`) reporting into a caller's ProgressBar at `offset`,
+    so several runs (an α sweep) show one bar from start to end, with the host's latent previews."""
+    import comfy.sample
+    import latent_preview
+
+    latent_image = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    previewer = latent_preview.get_previewer(patcher.load_device, patcher.model.latent_format)
+
+    def callback(step, x0, x, total_steps):
+        if progress is not None:
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+            progress.update_absolute(offset + step + 1, None, preview)
+
+    samples = comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                                  latent_image, denoise=denoise, noise_mask=latent.get("noise_mask"),
+                                  callback=callback, disable_pbar=True, seed=seed)
+    return {**latent, "samples": samples}

@@ -124,19 +124,21 @@ class SliderSweep:
     def sweep(self, model, slider, vae, alphas, start_step, seed, steps, cfg, sampler_name, scheduler, positive,
               negative, latent_image):
         import comfy.model_management
+        import comfy.utils
 
-        import nodes
+        from .comfy_backend import ksample
 
         values = [check_alpha(a) for a in parse_numbers(alphas, "alphas")]
         if not values:
             raise ValueError("alphas is empty: give comma-separated strengths such as -2, -1, 0, 1, 2")
         patcher, set_schedule = scheduled_patcher(model, slider)
+        progress = comfy.utils.ProgressBar(steps * len(values))  # one bar over the whole sweep
         columns = []
-        for alpha in values:
+        for k, alpha in enumerate(values):
             comfy.model_management.throw_exception_if_processing_interrupted()
             set_schedule(delayed_schedule(alpha, start_step, steps))
-            (latent,) = nodes.common_ksampler(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                              latent_image)
+            latent = ksample(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                             progress=progress, offset=k * steps)
             columns.append(vae.decode(latent["samples"]).float().cpu())
         side = columns[0].shape[2]
         grid = grid_image(columns, [f"alpha={a:g}" for a in values], cell=max(64, min(512, side)))

@@ -63,6 +63,8 @@ class Trajectory:
 
 # (step index, number of steps) -> {slider name: scale}; None leaves the scales as they are.
 SliderSchedule = Callable[[int, int], "dict[str, float] | None"]
+# (steps done, number of steps) after every sampling step: progress, and cancel by raising
+SampleCallback = Callable[[int, int], None]
 
 
 @runtime_checkable
@@ -118,9 +120,10 @@ class Denoiser(Protocol):
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
                record: bool = False, generator: torch.Generator | None = None,
-               progress: bool = False) -> Trajectory:
+               progress: bool = False, callback: SampleCallback | None = None) -> Trajectory:
         """CFG sampling. `uncond` is one Cond or one per step (null-text inversion); `generator`
-        seeds stochastic samplers; `record` keeps every state with its level."""
+        seeds stochastic samplers; `record` keeps every state with its level; `callback` runs after
+        every step (one model call), so a cancel acts within one call."""
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, H, W, 3] in 0..1 → clean latents x0 in the space `add_noise` and `decode` use

@@ -108,7 +108,8 @@ def train_text_slider(
             noise = denoiser.initial_noise(batch, resolution, noise_gen)
             with host.disabled():
                 item.trajectory = denoiser.sample(item.target, empty, guidance=config.trajectory_guidance,
-                                                  steps=config.trajectory_steps, noise=noise, record=True)
+                                                  steps=config.trajectory_steps, noise=noise, record=True,
+                                                  callback=run.model_call)
             item.uses = 0
         item.uses += 1
         k = step_rng.randrange(1, config.trajectory_steps)  # skip pure noise, as the reference does

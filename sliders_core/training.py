@@ -23,7 +23,9 @@ from .errors import SliderError, TrainingDivergedError
 from .formats import save_slider
 from .slider_weights import META_FAMILY, SliderWeights
 
-StepCallback = Callable[[int, int, float], None]  # (step done, total, loss); may raise to cancel
+# (steps done, total, loss) after every step; may raise to cancel. The loss is NaN for a call from
+# inside a step (frozen sampling between optimiser steps), which is for progress and cancel only.
+StepCallback = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -75,6 +77,11 @@ class SliderRun:
         self.result.seconds = time.perf_counter() - started
         done = self.config.iterations - self.start_step
         self.result.unet_samples_per_iteration = (getattr(self.denoiser, "forward_count", 0) - forwards_before) / done
+
+    def model_call(self, *_) -> None:
+        """Progress and cancel from inside a step (e.g. per step of a frozen trajectory)."""
+        if self.callback is not None:
+            self.callback(self.last_good_step, self.config.iterations, float("nan"))
 
     def step(self, step: int, loss: torch.Tensor) -> None:
         """Backward and one optimiser step on `loss`; stops (keeping the last good weights) on NaN/inf."""

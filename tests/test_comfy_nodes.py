@@ -203,11 +203,20 @@ def test_sweep_node_returns_a_grid_with_one_column_per_alpha(loras):
         def decode(self, samples):
             return samples[:, :3].permute(0, 2, 3, 1).clamp(0, 1)
 
-    with torch.inference_mode():
-        (grid,) = NODE_CLASS_MAPPINGS["ConceptSlidersSweep"]().sweep(
-            patcher, slider, IdentityVae(), "-1, 0, 1", 0, 0, 2, 3.0, "euler", "normal",
-            clip.conditioning("a person"), clip.conditioning(""), {"samples": torch.zeros(1, 4, 8, 8)})
+    reports = []
+    utils = C["utils"]
+    previous_hook = utils.PROGRESS_BAR_HOOK
+    utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        with torch.inference_mode():
+            (grid,) = NODE_CLASS_MAPPINGS["ConceptSlidersSweep"]().sweep(
+                patcher, slider, IdentityVae(), "-1, 0, 1", 0, 0, 2, 3.0, "euler", "normal",
+                clip.conditioning("a person"), clip.conditioning(""), {"samples": torch.zeros(1, 4, 8, 8)})
+    finally:
+        utils.set_progress_bar_global_hook(previous_hook)
     assert grid.shape == (1, 16 + 64, 3 * 64, 3)
+    # one progress bar over the whole sweep: 3 α × 2 steps, counting up once, never restarting
+    assert reports == [(i, 6) for i in range(1, 7)]
 
 
 def test_bad_inputs_give_clear_errors(loras):
@@ -246,6 +255,30 @@ def test_cancel_stops_training_and_leaves_no_file(loras):
     finally:
         mm.interrupt_current_processing(False)
     assert not (loras / "sliders" / "cancelled.safetensors").exists()
+
+
+def test_cancel_during_the_frozen_trajectory_acts_within_one_model_call(loras):
+    """The UI's cancel, set while the trajectory before step 1 is sampled, stops it after one more model call."""
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    mm = C["model_management"]
+    forwards = []
+    original = ComfyDenoiser.predict
+
+    def counting_predict(self, *args, **kwargs):
+        forwards.append(1)
+        if len(forwards) == 2:
+            mm.interrupt_current_processing(True)  # pressed during the second trajectory step
+        return original(self, *args, **kwargs)
+
+    ComfyDenoiser.predict = counting_predict
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(patcher, clip, name="cancelled_early", iterations=50)
+    finally:
+        ComfyDenoiser.predict = original
+        mm.interrupt_current_processing(False)
+    assert len(forwards) == 2  # the trajectory has 30 steps: it stopped right after the call in flight
+    assert not (loras / "sliders" / "cancelled_early.safetensors").exists()
 
 
 def test_cancelled_retrain_keeps_the_earlier_slider(loras):

@@ -175,8 +175,8 @@ def test_save_every_and_resume(sd1, tmp_path):
     path = tmp_path / "s.safetensors"
     steps_seen = []
     train_text_slider(sd1, [AGE], quick_config(iterations=4, save_every=2), checkpoint_path=path,
-                      callback=lambda step, total, loss: steps_seen.append((step, total)), progress=False)
-    assert steps_seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+                      callback=lambda step, total, loss: steps_seen.append((step, total, loss)), progress=False)
+    assert [(s, t) for s, t, loss in steps_seen if loss == loss] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     first = load_slider(path, sd1.naming, sd1.family)
     assert first.metadata["sliders.steps"] == "4"
     assert json.loads(first.metadata["sliders.prompts"])[0]["preservation"] == list(AGE.preservation)
@@ -245,3 +245,22 @@ def test_neutral_prediction_reused_from_the_trajectory_equals_a_fresh_one(sd1):
         fresh = frozen_target(sd1, item, x_t, level)
         reused = frozen_target(sd1, item, x_t, level, eps_neutral=trajectory.cond_outputs[k])
         torch.testing.assert_close(reused, fresh, atol=1e-5, rtol=1e-4)
+
+
+def test_cancel_acts_inside_the_frozen_trajectory_within_one_model_call(sd1, tmp_path):
+    """The trajectory before step 1 is many model calls: the callback sees each, so a cancel acts at once."""
+    path = tmp_path / "s.safetensors"
+    calls = []
+
+    def cancel(step, total, loss):
+        calls.append((step, loss))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    before = sd1.forward_count
+    with pytest.raises(KeyboardInterrupt):
+        train_text_slider(sd1, [AGE], quick_config(iterations=5), checkpoint_path=path, callback=cancel,
+                          progress=False)
+    assert all(step == 0 and loss != loss for step, loss in calls)  # inside step 1, before any update
+    assert sd1.forward_count - before <= 3 * 2  # three CFG sampling steps, nothing after the cancel
+    assert not path.exists()

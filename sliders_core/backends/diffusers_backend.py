@@ -23,7 +23,7 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
-from ..denoiser import Cond, SliderSchedule, Trajectory
+from ..denoiser import Cond, SampleCallback, SliderSchedule, Trajectory
 from ..errors import SliderError
 from ..formats import UnetNaming
 from .peft_sliders import PeftSliderHost
@@ -176,7 +176,7 @@ class DiffusersDenoiser:
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
                record: bool = False, generator: torch.Generator | None = None,
-               progress: bool = False) -> Trajectory:
+               progress: bool = False, callback: SampleCallback | None = None) -> Trajectory:
         scheduler = self.new_scheduler(steps)
         timesteps = scheduler.timesteps
         per_step = not isinstance(uncond, Cond)
@@ -206,6 +206,8 @@ class DiffusersDenoiser:
                 trajectory.levels.append(level.detach().clone())
                 trajectory.cond_outputs.append(out_c.detach().clone())
             x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i + 1, len(timesteps))
         trajectory.final = x
         return trajectory
 
