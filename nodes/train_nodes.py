@@ -27,9 +27,11 @@ class TrainingNode:
     """What both training nodes show the graph: where they sit and what they output."""
 
     CATEGORY = f"{CATEGORY}/train"
-    RETURN_TYPES = (SLIDER, "IMAGE")
-    RETURN_NAMES = ("slider", "loss_plot")
-    OUTPUT_TOOLTIPS = ("The trained slider.", "The training loss curve.")
+    RETURN_TYPES = (SLIDER, "IMAGE", "STRING")
+    RETURN_NAMES = ("slider", "loss_plot", "report")
+    OUTPUT_TOOLTIPS = ("The trained slider.", "The training loss curve.",
+                       "Steps, time, loss and (text sliders) how much of its training target the slider delivers "
+                       "at α = 1, with a warning when it has almost no effect.")
     FUNCTION = "train"
 
 
@@ -163,4 +165,6 @@ def train_in_graph(run, model, clip, vae, slider_name: str, resume_from: str, it
                 restore.write_bytes(previous)
                 restore.replace(out)
             raise
-    return (SliderFile.from_weights(result.weights, out.stem), pil_to_image(loss_plot(result.losses)))
+    report = result.report()
+    return {"ui": {"text": [report]},
+            "result": (SliderFile.from_weights(result.weights, out.stem), pil_to_image(loss_plot(result.losses)), report)}

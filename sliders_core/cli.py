@@ -197,6 +197,7 @@ def cmd_train(args, model=None) -> dict:
         "slider": str(out), "family": denoiser.family, "iterations": config.iterations,
         "seconds": round(result.seconds, 2), "loss_first": result.losses[0], "loss_last": result.losses[-1],
         "unet_forwards_per_iteration": round(result.unet_samples_per_iteration, 2),
+        "effect": round(result.effect, 3), "warning": result.warning,
     }
     if args.sweep:
         summary["sweep"] = _sweep_trained(denoiser, args.sweep, out, config.resolution)

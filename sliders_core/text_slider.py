@@ -120,7 +120,38 @@ def train_text_slider(
         host.set_scales({name: 1.0})
         prediction = denoiser.predict(x_t, level, item.target.repeat_each(batch))
         run.step(step, F.mse_loss(prediction.float(), target))
+    run.check_effect(slider_effect(denoiser, encoded, name, batch, resolution, config, noise_gen))
     return run.finish()
+
+
+@torch.no_grad()
+def slider_effect(denoiser: Denoiser, encoded: Sequence[_EncodedPair], name: str, batch: int, resolution: int,
+                  config: TrainConfig, noise_gen: torch.Generator, n_states: int = 4) -> float:
+    """Share of the eq. 8 push the slider delivers, on states of a fresh trajectory per prompt pair:
+    ⟨Δ, push⟩ / ‖push‖², Δ = ε_slider(x_t, c_t) − ε(x_t, c_t), push = target − ε(x_t, c_n). The trained
+    objective makes it 1; 0 is no effect."""
+    host, empty = denoiser.sliders, denoiser.encode([""])
+    dot = norm = 0.0
+    for item in encoded:
+        noise = denoiser.initial_noise(batch, resolution, noise_gen)
+        with host.disabled():
+            trajectory = denoiser.sample(item.target, empty, guidance=config.trajectory_guidance,
+                                         steps=config.trajectory_steps, noise=noise, record=True)
+        for k in torch.linspace(1, config.trajectory_steps - 1, n_states).round().long().tolist():
+            x_t, level = trajectory.states[k], trajectory.levels[k]
+            c = item.target.repeat_each(batch)
+            neutral = Cond({key: v[:1] for key, v in item.frozen.tensors.items()}).repeat_each(batch)
+            with host.disabled():
+                base = denoiser.predict(x_t, level, c)
+                eps_neutral = base if item.pair.neutral_prompt == item.pair.target else denoiser.predict(
+                    x_t, level, neutral)
+            push = frozen_target(denoiser, item, x_t, level, eps_neutral) - eps_neutral
+            host.set_scales({name: 1.0})
+            delta = denoiser.predict(x_t, level, c) - base
+            host.set_scales({})
+            dot += float((delta * push).sum())
+            norm += float(push.pow(2).sum())
+    return dot / norm if norm > 0 else 0.0
 
 
 def slider_metadata(family: str, pairs: Sequence[PromptPair], config: TrainConfig, steps: int,

@@ -9,6 +9,7 @@ callback, gradient checkpointing, and the final export with metadata.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .slider_weights import META_FAMILY, SliderWeights
 # (steps done, total, loss) after every step; may raise to cancel. The loss is NaN for a call from
 # inside a step (frozen sampling between optimiser steps), which is for progress and cancel only.
 StepCallback = Callable[[int, int, float], None]
+WEAK_EFFECT = 0.2  # below this share of the training push, a slider's effect is hard to see
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +37,18 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     unet_samples_per_iteration: float = 0.0  # single-image UNet forwards (no backward) per iteration
+    # share of its training target's push the slider delivers at α = 1 on held-out states (text sliders):
+    # ≈ 1 learned, ≈ 0 no effect; and a warning for the user when it is too small
+    effect: float | None = None
+    warning: str | None = None
+
+    def report(self) -> str:
+        """One line for a user: steps, time, loss, and whether the slider does anything."""
+        text = (f"{len(self.losses)} steps in {self.seconds:.1f} s, loss {self.losses[0]:.4g} → "
+                f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4g}" if self.losses else "no steps run")
+        if self.effect is not None:
+            text += f"; at α = 1 the slider delivers {self.effect:.0%} of its training target's push"
+        return text + (f". WARNING: {self.warning}" if self.warning else "")
 
 
 class SliderRun:
@@ -119,6 +134,15 @@ class SliderRun:
         self.host.set_scales({})
         raise TrainingDivergedError(f"training diverged at step {step + 1}: the {what} became NaN/inf{saved}. "
                                     "Lower lr (or η for text sliders), or train in float32.")
+
+    def check_effect(self, effect: float) -> None:
+        """Record the effect check; a slider that barely moves the output gets a clear warning."""
+        self.result.effect = effect
+        if effect < WEAK_EFFECT:
+            self.result.warning = (f"the slider has almost no effect ({effect:.0%} of its training target at α = 1): "
+                                   "train more iterations, raise lr or η, or make the positive and negative "
+                                   "prompts differ in the concept")
+            log.warning(self.result.warning)
 
     def finish(self) -> TrainResult:
         self.host.set_scales({})

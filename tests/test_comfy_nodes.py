@@ -73,7 +73,7 @@ def train(model, clip, name="age", iterations=6, **overrides):
                 resume_from="none")
     args.update(overrides)
     with torch.inference_mode():  # as ComfyUI runs every node
-        return NODE_CLASS_MAPPINGS["ConceptSlidersTrainText"]().train(**args)
+        return NODE_CLASS_MAPPINGS["ConceptSlidersTrainText"]().train(**args)["result"]
 
 
 def forward(patcher, clip, alpha_model=None):
@@ -131,9 +131,10 @@ def test_comfy_training_on_images_uses_the_hosts_noise_schedule():
 
 def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(loras):
     patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
-    slider, plot = train(patcher, clip, iterations=8)
+    slider, plot, report = train(patcher, clip, iterations=8)
     path = loras / "sliders" / "age.safetensors"
     assert path.is_file() and plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert report.startswith("8 steps") and "of its training target's push" in report
     from safetensors.torch import load_file
 
     state = load_file(str(path))
@@ -173,7 +174,7 @@ def test_delayed_sampler_at_step_0_is_plain_application_and_at_the_end_is_the_ba
     import nodes as comfy_nodes
 
     patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
-    slider, _ = train(patcher, clip, iterations=6, lr=3e-2)
+    slider, _, _ = train(patcher, clip, iterations=6, lr=3e-2)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     pos, neg = clip.conditioning("a person"), clip.conditioning("")
     common = dict(seed=7, steps=4, cfg=3.0, positive=pos, negative=neg, latent_image=latent)
@@ -197,7 +198,7 @@ def test_delayed_sampler_at_step_0_is_plain_application_and_at_the_end_is_the_ba
 
 def test_sweep_node_returns_a_grid_with_one_column_per_alpha(loras):
     patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
-    slider, _ = train(patcher, clip, iterations=2)
+    slider, _, _ = train(patcher, clip, iterations=2)
 
     class IdentityVae:
         def decode(self, samples):
@@ -227,7 +228,7 @@ def test_bad_inputs_give_clear_errors(loras):
         train(patcher, clip, positive="same", negative="same")
     with pytest.raises(SliderError, match="non-empty"):
         train(patcher, clip, positive="")
-    slider, _ = train(patcher, clip, iterations=1)
+    slider, _, _ = train(patcher, clip, iterations=1)
     with pytest.raises(ValueError, match="outside"):
         NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 100.0)
     with pytest.raises(ValueError, match="beyond the step count"):
@@ -306,8 +307,8 @@ def test_cancelled_retrain_keeps_the_earlier_slider(loras):
 
 def test_gradient_checkpointing_option_trains_the_same_slider(loras):
     clip = FakeClip()
-    plain, _ = train(comfy_support.tiny_sd15_patcher(), clip, name="a", iterations=3)
-    checkpointed, _ = train(comfy_support.tiny_sd15_patcher(), clip, name="b", iterations=3,
+    plain, _, _ = train(comfy_support.tiny_sd15_patcher(), clip, name="a", iterations=3)
+    checkpointed, _, _ = train(comfy_support.tiny_sd15_patcher(), clip, name="b", iterations=3,
                             gradient_checkpointing=True)
     for key, value in plain.tensors.items():
         assert torch.allclose(value, checkpointed.tensors[key], atol=1e-6), key
@@ -327,12 +328,12 @@ def train_pairs(model, clip, vae, name="pairs", iterations=4, **overrides):
                 save_every=0, resume_from="none")
     args.update(overrides)
     with torch.inference_mode():
-        return NODE_CLASS_MAPPINGS["ConceptSlidersTrainPairs"]().train(**args)
+        return NODE_CLASS_MAPPINGS["ConceptSlidersTrainPairs"]().train(**args)["result"]
 
 
 def test_pair_node_trains_a_slider_the_stock_loader_reads(loras):
     patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
-    slider, plot = train_pairs(patcher, clip, vae, iterations=6, lr=5e-2)
+    slider, plot, _ = train_pairs(patcher, clip, vae, iterations=6, lr=5e-2)
     path = loras / "sliders" / "pairs.safetensors"
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -429,7 +430,7 @@ def test_invert_node_alpha_zero_edit_is_its_reconstruction_exactly(loras):
     inversion, reconstruction, score, report = invert_node(patcher, clip, vae)
     assert reconstruction.shape == (1, 64, 64, 3) and "PSNR" in report and score == pytest.approx(
         float(report.split("PSNR ")[1].split(" dB")[0]), abs=0.01)
-    slider, _ = train(patcher, clip, iterations=3, lr=0.05)
+    slider, _, _ = train(patcher, clip, iterations=3, lr=0.05)
     at_zero = vae.decode(inversion_sample(patcher, inversion, slider, 0.0)).float()
     assert torch.equal(at_zero, reconstruction)
     edited = vae.decode(inversion_sample(patcher, inversion, slider, 3.0, start_at=0.25)).float()

@@ -54,7 +54,10 @@ def test_frozen_predictions_are_one_batched_forward_at_the_trajectory_level(sd1,
         calls.append((x.detach().clone(), level.clone(), len(cond), torch.is_grad_enabled()))
         return real_predict(x, level, cond)
 
+    between_samples = []
+
     def spy_sample(*args, **kwargs):
+        between_samples.append(list(calls))
         calls.clear()
         trajectories.append(real_sample(*args, **kwargs))
         calls.clear()
@@ -63,7 +66,7 @@ def test_frozen_predictions_are_one_batched_forward_at_the_trajectory_level(sd1,
     monkeypatch.setattr(sd1, "predict", spy_predict)
     monkeypatch.setattr(sd1, "sample", spy_sample)
     train_text_slider(sd1, [AGE], quick_config(iterations=1, batch_size=2), progress=False)
-    frozen, lora = calls
+    frozen, lora = between_samples[1]  # the training step's calls (the effect check samples afterwards)
     # c± ⊕ p for 3 attributes × batch 2, no grad, one call; ε(x_t, c_n) comes from the trajectory (c_n = c_t)
     assert frozen[2] == 2 * (2 * 3) and not frozen[3]
     assert lora[2] == 2 and lora[3]
@@ -264,3 +267,10 @@ def test_cancel_acts_inside_the_frozen_trajectory_within_one_model_call(sd1, tmp
     assert all(step == 0 and loss != loss for step, loss in calls)  # inside step 1, before any update
     assert sd1.forward_count - before <= 3 * 2  # three CFG sampling steps, nothing after the cancel
     assert not path.exists()
+
+
+def test_effect_check_warns_when_the_slider_does_nothing(sd1):
+    weak = train_text_slider(sd1, [AGE], quick_config(iterations=2, lr=1e-9), name="weak", progress=False)
+    assert weak.effect < 0.2 and "almost no effect" in weak.warning and "WARNING" in weak.report()
+    strong = train_text_slider(sd1, [AGE], quick_config(iterations=6, lr=3e-2), name="strong", progress=False)
+    assert strong.effect > weak.effect + 0.1, (strong.effect, weak.effect)
