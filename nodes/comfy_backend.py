@@ -135,13 +135,14 @@ class ComfySliderHost:
     def _wrap_other_weights(self) -> None:
         """Every other weight gets an identity wrapper so autograd never saves an inference-mode tensor
         (ComfyUI loads weights under inference mode; the wrapper makes cast_bias_weight copy them)."""
-        wrapped = {f"diffusion_model.{self.names_map[p]}.weight" for a in self._adapters.values() for p in a}
+        skip = {f"diffusion_model.{self.names_map[p]}.weight" for a in self._adapters.values() for p in a}
+        skip |= self._identity_wrapped
         for module_name, module in self.patcher.model.diffusion_model.named_modules():
             if not hasattr(module, "weight_function"):
                 continue
             for kind in ("weight", "bias"):
                 key = f"diffusion_model.{module_name}.{kind}"
-                if getattr(module, kind, None) is not None and key not in wrapped | self._identity_wrapped:
+                if getattr(module, kind, None) is not None and key not in skip:
                     self.patcher.add_weight_wrapper(key, _copy_weight)
                     self._identity_wrapped.add(key)
 
@@ -286,15 +287,14 @@ class ComfyDenoiser:
         x = self.model.model_sampling.noise_scaling(sigmas[0], noise.float(), torch.zeros_like(noise.float()),
                                                     max_denoise=True)  # as KSampler does from pure noise
         trajectory = Trajectory(final=x)
-        c = cond if len(cond) == batch else cond.repeat_each(batch)
+        c = cond.for_batch(batch)
         for i in range(steps):
             if slider_schedule is not None:
                 scales = slider_schedule(i, steps)
                 if scales is not None:
                     self.sliders.set_scales(scales)
             sigma = sigmas[i].expand(batch)
-            u = uncond[i] if per_step else uncond
-            u = u if len(u) == batch else u.repeat_each(batch)
+            u = (uncond[i] if per_step else uncond).for_batch(batch)
             if guidance == 1.0:
                 eps = eps_c = self.predict(x, sigma, c)
             else:

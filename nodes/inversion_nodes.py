@@ -28,30 +28,29 @@ def inversion_files() -> list[str]:
     return sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
-def _fitted_denoiser(model, inversion: Inversion):
-    """A ComfyDenoiser on `model` set to the inversion's schedule, after refusing a model it does not fit."""
+def _check_fits(model, inversion: Inversion) -> None:
+    """Refuse a MODEL the inversion was not made for (family, checkpoint, the schedule it names)."""
     from .comfy_backend import ComfyDenoiser
 
     denoiser = ComfyDenoiser(model)
     denoiser.ddim_scheduler = inversion.scheduler or denoiser.ddim_scheduler
     inversion.check_fits(denoiser)
-    return denoiser
 
 
 def _sample(model, inversion: Inversion, slider=None, alpha: float = 0.0, start_at: float = 0.5):
     """LATENT samples of the inversion on `model`, with `slider` at α from `start_at` of the steps."""
+    import comfy.utils
+
     from .comfy_backend import sample_inversion_in_host
     from .sampling_nodes import delayed_schedule, scheduled_patcher
 
-    _fitted_denoiser(model, inversion)
+    _check_fits(model, inversion)
     if not 0.0 <= start_at <= 1.0:
         raise SliderError(f"start_at must be a fraction in [0, 1], got {start_at}")
     patcher = model
     if slider is not None:
         patcher, set_schedule = scheduled_patcher(model, slider)
         set_schedule(delayed_schedule(alpha, round(start_at * inversion.steps), inversion.steps))
-    import comfy.utils
-
     progress = comfy.utils.ProgressBar(inversion.steps)
     return sample_inversion_in_host(patcher, inversion, callback=lambda i, *_: progress.update_absolute(i + 1))
 

@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .errors import SliderError
 from .formats import UnetNaming
 from .slider_weights import SliderWeights
 
@@ -47,6 +48,14 @@ class Cond:
     def repeat_each(self, n: int) -> Cond:
         """[a, b] → [a×n, b×n]: prompt-major layout, matching `x.repeat(len(cond), ...)`."""
         return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    def for_batch(self, n: int) -> Cond:
+        """This condition for a batch of n samples: as it is when it has n entries, repeated when it has one."""
+        if len(self) == n:
+            return self
+        if len(self) == 1:
+            return self.repeat_each(n)
+        raise SliderError(f"condition batch {len(self)} does not match sample batch {n}")
 
 
 @dataclass

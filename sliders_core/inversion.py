@@ -98,10 +98,6 @@ class Inversion:
                               "differ); invert the image again on this model")
 
 
-def _batched(cond: Cond, batch: int) -> Cond:
-    return cond if len(cond) == batch else cond.repeat_each(batch)
-
-
 def _levels(level: torch.Tensor, batch: int) -> torch.Tensor:
     return level.expand(batch)
 
@@ -111,7 +107,7 @@ def ddim_invert(denoiser: Denoiser, x_clean: torch.Tensor, cond: Cond, levels: t
     """DDIM inversion at guidance 1: states[i] sits at levels[i], states[-1] is x_clean. The model is
     evaluated at the less noisy state with the next level's label (ε(x_{i+1}) ≈ ε(x_i), as the reference)."""
     batch = x_clean.shape[0]
-    c = _batched(cond, batch)
+    c = cond.for_batch(batch)
     states = [x_clean.float()]
     for i in reversed(range(len(levels) - 1)):
         x = states[-1]
@@ -125,7 +121,7 @@ def cfg_step(denoiser: Denoiser, x: torch.Tensor, levels: torch.Tensor, i: int, 
     """One guided DDIM step from levels[i] to levels[i + 1] (conditional and unconditional in one batch)."""
     batch = x.shape[0]
     level = _levels(levels[i], batch)
-    c, u = _batched(cond, batch), _batched(uncond, batch)
+    c, u = cond.for_batch(batch), uncond.for_batch(batch)
     if guidance == 1.0 or _same(c, u):
         out = denoiser.predict(x, level, c)  # ε(x, ∅) + w·[ε(x, c) − ε(x, ∅)] = ε(x, c) when ∅ = c
     else:
@@ -145,8 +141,8 @@ def optimise_null_text(denoiser: Denoiser, states: Sequence[torch.Tensor], level
     """One unconditional per step such that sampling from states[0] retraces `states`.
     Returns (unconds, final loss per step, inner iterations run)."""
     batch = states[0].shape[0]
-    c = _batched(cond, batch)
-    uncond = {k: v.detach().clone().float() for k, v in _batched(empty, batch).tensors.items()}
+    c = cond.for_batch(batch)
+    uncond = {k: v.detach().clone().float() for k, v in empty.for_batch(batch).tensors.items()}
     unconds, losses, iterations = [], [], 0
     x = states[0].float()
     steps = len(levels) - 1

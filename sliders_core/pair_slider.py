@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import PairTrainConfig, preset_modules
+from .config import PairTrainConfig
 from .denoiser import Denoiser
 from .errors import SliderError
 from .image_pairs import ImagePairs
@@ -67,9 +67,8 @@ def train_pair_slider(
     config.validate()
     if len(pairs) == 0:
         raise SliderError("no image pairs to train on")
-    run = SliderRun(denoiser, name, config, preset_modules(denoiser.sliders.lora_candidates(), config.layers),
-                    resume=resume, checkpoint_path=checkpoint_path, callback=callback, progress=progress,
-                    label="pair slider")
+    run = SliderRun(denoiser, name, config, resume=resume, checkpoint_path=checkpoint_path, callback=callback,
+                    progress=progress, label="pair slider")
     gen = torch.Generator().manual_seed(config.seed)  # noise and levels: the full 64-bit seed space
     order = random.Random(config.seed)
     with torch.no_grad():

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, preset_modules
+from .config import TrainConfig
 from .denoiser import Cond, Denoiser, Trajectory
 from .errors import SliderError
 from .prompts import PromptPair
 from .slider_weights import SliderWeights
-from .training import SliderRun, StepCallback, TrainResult, run_metadata
+from .training import SliderRun, StepCallback, TrainResult, run_metadata, slider_modules
 
 
 def slider_target(eps_neutral: torch.Tensor, eps_plus: torch.Tensor, eps_minus: torch.Tensor,
@@ -68,10 +68,6 @@ def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None) 
         frozen=denoiser.encode([pair.neutral_prompt, *plus, *minus]), n_attrs=len(plus))
 
 
-def slider_modules(denoiser: Denoiser, layers: str) -> list[str]:
-    return preset_modules(denoiser.sliders.lora_candidates(), layers)
-
-
 def train_text_slider(
     denoiser: Denoiser,
     pairs: Sequence[PromptPair],
@@ -89,7 +85,7 @@ def train_text_slider(
         raise SliderError("no prompt pairs to train on")
     resolution = config.resolution or pairs[0].resolution or denoiser.default_resolution
     batch = config.batch_size or pairs[0].batch_size or 1
-    run = SliderRun(denoiser, name, config, slider_modules(denoiser, config.layers), resume=resume,
+    run = SliderRun(denoiser, name, config, resume=resume,
                     checkpoint_path=checkpoint_path, callback=callback, progress=progress)
     noise_gen = torch.Generator().manual_seed(config.seed)
     step_rng = random.Random(config.seed)
@@ -120,17 +116,17 @@ def train_text_slider(
         host.set_scales({name: 1.0})
         prediction = denoiser.predict(x_t, level, item.target.repeat_each(batch))
         run.step(step, F.mse_loss(prediction.float(), target))
-    run.check_effect(slider_effect(denoiser, encoded, name, batch, resolution, config, noise_gen))
+    run.check_effect(slider_effect(denoiser, encoded, empty, name, batch, resolution, config, noise_gen))
     return run.finish()
 
 
 @torch.no_grad()
-def slider_effect(denoiser: Denoiser, encoded: Sequence[_EncodedPair], name: str, batch: int, resolution: int,
-                  config: TrainConfig, noise_gen: torch.Generator, n_states: int = 4) -> float:
+def slider_effect(denoiser: Denoiser, encoded: Sequence[_EncodedPair], empty: Cond, name: str, batch: int,
+                  resolution: int, config: TrainConfig, noise_gen: torch.Generator, n_states: int = 4) -> float:
     """Share of the eq. 8 push the slider delivers, on states of a fresh trajectory per prompt pair:
     ⟨Δ, push⟩ / ‖push‖², Δ = ε_slider(x_t, c_t) − ε(x_t, c_t), push = target − ε(x_t, c_n). The trained
     objective makes it 1; 0 is no effect."""
-    host, empty = denoiser.sliders, denoiser.encode([""])
+    host = denoiser.sliders
     dot = norm = 0.0
     for item in encoded:
         noise = denoiser.initial_noise(batch, resolution, noise_gen)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .config import preset_modules
 from .denoiser import Denoiser
 from .errors import SliderError, TrainingDivergedError
 from .formats import save_slider
@@ -51,11 +52,17 @@ class TrainResult:
         return text + (f". WARNING: {self.warning}" if self.warning else "")
 
 
+def slider_modules(denoiser: Denoiser, layers: str) -> list[str]:
+    """The module paths of a layer preset (config.LAYER_PRESETS) on this denoiser."""
+    return preset_modules(denoiser.sliders.lora_candidates(), layers)
+
+
 class SliderRun:
-    def __init__(self, denoiser: Denoiser, name: str, config, modules: Sequence[str], *,
+    def __init__(self, denoiser: Denoiser, name: str, config, *,
                  resume: SliderWeights | None = None, checkpoint_path: str | Path | None = None,
                  callback: StepCallback | None = None, progress: bool = True, label: str = "slider"):
-        """`config` has rank, alpha, lr, iterations, seed, save_every, max_grad_norm, gradient_checkpointing."""
+        """`config` has rank, alpha, layers, lr, iterations, seed, save_every, max_grad_norm,
+        gradient_checkpointing; the slider goes on the modules of its `layers` preset."""
         self.denoiser, self.name, self.config = denoiser, name, config
         self.checkpoint_path, self.callback, self.progress, self.label = checkpoint_path, callback, progress, label
         self.start_step = int(resume.metadata.get("sliders.steps", 0)) if resume is not None else 0
@@ -64,7 +71,8 @@ class SliderRun:
                               f"iterations={config.iterations}")
         torch.manual_seed(config.seed)  # LoRA initialisation
         self.host = denoiser.sliders
-        self.host.add(name, resume, modules=modules, rank=config.rank, alpha=config.alpha, trainable=True)
+        self.host.add(name, resume, modules=slider_modules(denoiser, config.layers), rank=config.rank,
+                      alpha=config.alpha, trainable=True)
         self.params = self.host.parameters(name)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         self.metadata: Callable[[int], dict[str, str]] = lambda steps: {}  # set by the algorithm

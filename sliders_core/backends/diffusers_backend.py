@@ -193,11 +193,11 @@ class DiffusersDenoiser:
                     self.sliders.set_scales(scales)
             x_in = scheduler.scale_model_input(x, t)
             level = t.expand(batch)
-            c = _batch(cond, batch)
+            c = cond.for_batch(batch)
             if guidance == 1.0:
                 out = out_c = self.predict(x_in, level, c)
             else:
-                u = _batch(uncond[i] if per_step else uncond, batch)
+                u = (uncond[i] if per_step else uncond).for_batch(batch)
                 both = self.predict(torch.cat([x_in, x_in]), torch.cat([level, level]), Cond.cat([u, c]))
                 out_u, out_c = both.chunk(2)
                 out = out_u + guidance * (out_c - out_u)
@@ -270,14 +270,6 @@ class DiffusersDenoiser:
         else:
             images = latents
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
-
-
-def _batch(cond: Cond, batch: int) -> Cond:
-    if len(cond) == batch:
-        return cond
-    if len(cond) == 1:
-        return cond.repeat_each(batch)
-    raise SliderError(f"condition batch {len(cond)} does not match sample batch {batch}")
 
 
 # ---------------------------------------------------------------------------------------------
