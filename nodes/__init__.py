@@ -3,10 +3,12 @@
 from .apply_nodes import ApplySlider, LoadSlider, SliderStack
 from .image_nodes import LoadImagePairs
 from .inversion_nodes import InversionSampler, LoadInversion, NullTextInvert, SaveInversion
+from .model_nodes import LoadShapesModel
 from .sampling_nodes import DelayedLoraSampler, SliderSweep
 from .train_nodes import TrainPairSlider, TrainTextSlider
 
 _NODES = {
+    "ConceptSlidersLoadShapesModel": (LoadShapesModel, "Load Shapes Model"),
     "ConceptSlidersTrainText": (TrainTextSlider, "Train Text Slider"),
     "ConceptSlidersTrainPairs": (TrainPairSlider, "Train Pair Slider"),
     "ConceptSlidersLoadImagePairs": (LoadImagePairs, "Load Image Pairs"),

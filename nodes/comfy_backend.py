@@ -11,14 +11,25 @@ predictions at one (x_t, σ), so either works.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import comfy.latent_formats
+import comfy.model_base
 import comfy.model_management
+import comfy.model_patcher
 import comfy.samplers
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models_base
 import comfy.utils
 import torch
+from comfy.clip_model import CLIPEmbeddings, CLIPTextModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.weight_adapter.lora import LoraDiff
 
 from ..sliders_core.config import classify_unet_module
@@ -31,13 +42,22 @@ if TYPE_CHECKING:
     from ..sliders_core.inversion import Inversion
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
-             "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega"}
-_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+             "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega", "Shapes": "shapes"}
+_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "shapes": 32}
+_LATENT_DOWNSCALE = {"shapes": 1}  # the shapes model is pixel space; the other families have an 8× VAE
+# inversion levels: "normal" starts at t = 999, where the cosine schedule has ᾱ ≈ 2e-9 and DDIM
+# divides by √ᾱ; ddim_uniform starts at t = 961 (the CLI's 'leading' spacing)
+_DDIM_SCHEDULER = {"shapes": "ddim_uniform"}
 
 
 def model_family(patcher) -> str:
     name = type(patcher.model.model_config).__name__
     return _FAMILIES.get(name, name.lower())
+
+
+def latent_downscale(patcher) -> int:
+    """Image pixels per latent pixel."""
+    return _LATENT_DOWNSCALE.get(model_family(patcher), 8)
 
 
 def module_names(patcher) -> dict[str, str]:
@@ -53,6 +73,9 @@ def module_names(patcher) -> dict[str, str]:
         module = modules.get(ldm)
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             names[path] = ldm
+    if isinstance(modules.get("label_emb"), TextTimeEmbedding):  # the shapes model keeps diffusers' names there
+        names.update({"add_embedding." + ldm[len("label_emb."):]: ldm for ldm, module in modules.items()
+                      if ldm.startswith("label_emb.") and isinstance(module, torch.nn.Linear)})
     return names
 
 
@@ -196,8 +219,9 @@ class ComfyDenoiser:
         shapes = {path: tuple(diffusion_model.get_submodule(ldm).weight.shape) for path, ldm in names.items()}
         self.naming = UnetNaming(names, ldm_names=names, weight_shapes=shapes)
         self.default_resolution = _NATIVE_RESOLUTION.get(self.family, 512)
+        self.downscale = latent_downscale(self.patcher)
         self.forward_count = 0
-        self.ddim_scheduler = "normal"  # the host's sigma schedule for ddim_levels (inversion)
+        self.ddim_scheduler = _DDIM_SCHEDULER.get(self.family, "normal")  # the host's sigmas for ddim_levels
         self._grad_ready = False
 
     @property
@@ -246,7 +270,7 @@ class ComfyDenoiser:
         sigma = level.to(device)
         kwargs = {}
         if self.model.adm_channels:
-            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            h, w = x.shape[-2] * self.downscale, x.shape[-1] * self.downscale
             kwargs["y"] = self.model.encode_adm(pooled_output=cond.tensors["pooled"].to(device), width=w, height=h,
                                                 target_width=w, target_height=h, device=device).to(dtype)
         self.forward_count += x.shape[0]
@@ -254,10 +278,13 @@ class ComfyDenoiser:
         return ((x - x0.float()) / sigma.view(-1, *[1] * (x.dim() - 1))).float()
 
     def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
-        if resolution % 64:
-            raise SliderError(f"resolution must be a multiple of 64, got {resolution}")
+        levels = len(self.model.model_config.unet_config.get("channel_mult", (1, 2, 4, 4)))
+        multiple = self.downscale * 2 ** (levels - 1)
+        if resolution < multiple or resolution % multiple:
+            raise SliderError(f"resolution {resolution} must be a positive multiple of {multiple} for this model")
         channels = self.model.latent_format.latent_channels
-        return torch.randn((batch, channels, resolution // 8, resolution // 8), generator=generator)
+        side = resolution // self.downscale
+        return torch.randn((batch, channels, side, side), generator=generator)
 
     # -- training on given images: the host's own noise schedule and noising ----------------------
     def random_levels(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -272,12 +299,30 @@ class ComfyDenoiser:
         x_t = self.add_noise(x0, noise, level)
         return (x_t - x0.float()) / level.float().view(-1, *[1] * (x0.dim() - 1))
 
+    def _post_cfg(self, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, eps_u: torch.Tensor,
+                  eps_c: torch.Tensor) -> torch.Tensor:
+        """The MODEL's post-CFG functions (`sampler_post_cfg_function`, e.g. the shapes model's x0 clamp)
+        on the guided prediction, as the host's samplers apply them."""
+        functions = self.patcher.model_options.get("sampler_post_cfg_function", [])
+        if not functions:
+            return eps
+        eps, eps_u, eps_c = (e.to(x.device) for e in (eps, eps_u, eps_c))
+        s = sigma.to(x.device).view(-1, *[1] * (x.dim() - 1))
+        denoised = x - s * eps
+        for function in functions:
+            denoised = function({"denoised": denoised, "cond_denoised": x - s * eps_c,
+                                 "uncond_denoised": x - s * eps_u, "model": self.model, "uncond": None,
+                                 "cond": None, "sigma": sigma, "model_options": self.patcher.model_options,
+                                 "input": x, "cond_scale": None})
+        return (x - denoised) / s
+
     @torch.no_grad()
     def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
                noise: torch.Tensor, slider_schedule: SliderSchedule | None = None, record: bool = False,
                generator: torch.Generator | None = None, progress: bool = False,
                callback: SampleCallback | None = None) -> Trajectory:
-        """Deterministic Euler (DDIM-equivalent) sampling on the model's own sigma schedule."""
+        """Deterministic Euler (DDIM-equivalent) sampling on the model's own sigma schedule, with the
+        MODEL's post-CFG functions."""
         self.load()
         sigmas = comfy.samplers.calculate_sigmas(self.model.model_sampling, "normal", steps).float()
         per_step = not isinstance(uncond, Cond)
@@ -296,10 +341,11 @@ class ComfyDenoiser:
             sigma = sigmas[i].expand(batch)
             u = (uncond[i] if per_step else uncond).for_batch(batch)
             if guidance == 1.0:
-                eps = eps_c = self.predict(x, sigma, c)
+                eps = eps_u = eps_c = self.predict(x, sigma, c)
             else:
                 eps_u, eps_c = self.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([u, c])).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
+            eps = self._post_cfg(x, sigma, eps, eps_u, eps_c)
             if record:
                 trajectory.states.append(x.clone())
                 trajectory.levels.append(sigma.clone())
@@ -401,7 +447,7 @@ def sample_inversion_in_host(patcher, inversion: Inversion, callback=None) -> to
 
     sigmas = inversion.levels.float()
     x_start = inversion.latent.float().cpu()
-    height, width = x_start.shape[-2] * 8, x_start.shape[-1] * 8
+    height, width = (side * latent_downscale(patcher) for side in x_start.shape[-2:])
     guider = InversionGuider(patcher, inversion, width, height)
     model_sampling = patcher.get_model_object("model_sampling")
     # the sampler starts at noise_scaling(σ_0, noise, 0): hand it the noise that lands exactly on x_start
@@ -431,3 +477,268 @@ def ksample(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negati
                                   latent_image, denoise=denoise, noise_mask=latent.get("noise_mask"),
                                   callback=callback, disable_pbar=True, seed=seed)
     return {**latent, "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped shapes model (models/shapes-v1, a diffusers folder) as a ComfyUI MODEL, CLIP and VAE,
+# built from the host's own classes: its UNetModel, CLIP text model and tokenizer wrappers, model
+# config and pixel-space VAE. docs/research/shapes_in_comfyui.md has the measured equivalence.
+# ---------------------------------------------------------------------------------------------
+
+def shapes_unet_config(config: dict) -> dict:
+    """UNetModel kwargs for the shapes UNet2DConditionModel config (the features that model uses)."""
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    layers = config["layers_per_block"]
+    layers = [layers] * len(down) if isinstance(layers, int) else list(layers)
+    channels = list(config["block_out_channels"])
+    unsupported = {
+        "addition_embed_type": config.get("addition_embed_type") != "text",
+        "resnet_time_scale_shift": config.get("resnet_time_scale_shift") != "scale_shift",
+        "transformer_layers_per_block": config.get("transformer_layers_per_block", 1) != 1,
+        "class_embed_type": config.get("class_embed_type") is not None,
+        "mid_block_type": config.get("mid_block_type") != "UNetMidBlock2DCrossAttn",
+        "attention_head_dim": not isinstance(config.get("num_attention_heads") or config["attention_head_dim"], int),
+    }
+    if any(unsupported.values()):
+        raise SliderError(f"not a shapes-model UNet config: unsupported {[k for k, v in unsupported.items() if v]}")
+    depth = [1 if "CrossAttn" in t else 0 for t in down]
+    output_depth = []  # the host reads it from the end: the last entries are the first (deepest) output blocks
+    for i, t in enumerate(up):
+        output_depth = [1 if "CrossAttn" in t else 0] * (layers[::-1][i] + 1) + output_depth
+    return {
+        "image_size": config["sample_size"], "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"], "model_channels": channels[0],
+        "channel_mult": [c // channels[0] for c in channels], "num_res_blocks": layers,
+        "transformer_depth": depth, "transformer_depth_output": output_depth, "transformer_depth_middle": 1,
+        "context_dim": config["cross_attention_dim"], "use_linear_in_transformer": config["use_linear_projection"],
+        "use_spatial_transformer": True, "legacy": False, "use_scale_shift_norm": True,
+        # diffusers' attention_head_dim without num_attention_heads is the number of heads
+        "num_heads": config.get("num_attention_heads") or config["attention_head_dim"], "num_head_channels": -1,
+        "adm_in_channels": None, "use_checkpoint": False, "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "norm_num_groups": config["norm_num_groups"], "text_time_heads": config["addition_embed_type_num_heads"],
+    }
+
+
+class TextTimeEmbedding(torch.nn.Module):
+    """diffusers' "text" addition embedding (attention pooling of the context into the time embedding),
+    with diffusers' parameter names, on the host's ops (so casting and weight wrappers apply)."""
+
+    def __init__(self, dim, time_embed_dim, num_heads, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.norm1 = operations.LayerNorm(dim, dtype=dtype, device=device)
+        self.pool = torch.nn.Module()
+        self.pool.positional_embedding = torch.nn.Parameter(torch.empty(1, dim, dtype=dtype, device=device))
+        for name in ("k_proj", "q_proj", "v_proj"):
+            setattr(self.pool, name, operations.Linear(dim, dim, dtype=dtype, device=device))
+        self.proj = operations.Linear(dim, time_embed_dim, dtype=dtype, device=device)
+        self.norm2 = operations.LayerNorm(time_embed_dim, dtype=dtype, device=device)
+        self.num_heads = num_heads
+
+    def forward(self, context):
+        x = self.norm1(context)
+        batch, length, width = x.shape
+        heads, head_dim = self.num_heads, width // self.num_heads
+        position = comfy.model_management.cast_to_device(self.pool.positional_embedding, x.device, x.dtype)
+        query_token = x.mean(dim=1, keepdim=True) + position
+        tokens = torch.cat([query_token, x], dim=1)
+        q = self.pool.q_proj(query_token).view(batch, 1, heads, head_dim).transpose(1, 2)
+        k = self.pool.k_proj(tokens).view(batch, length + 1, heads, head_dim).transpose(1, 2)
+        v = self.pool.v_proj(tokens).view(batch, length + 1, heads, head_dim).transpose(1, 2)
+        weights = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(head_dim), dim=-1).to(v.dtype)
+        pooled = (weights @ v).transpose(1, 2).reshape(batch, width)
+        return self.norm2(self.proj(pooled))
+
+
+class ShapesUNet(UNetModel):
+    """The host's UNetModel with the shapes model's text addition embedding as its label_emb (fed the
+    context) and its GroupNorm group count (the host builds GroupNorm(32, ...))."""
+
+    def __init__(self, norm_num_groups=32, text_time_heads=4, **kwargs):
+        super().__init__(**kwargs)
+        for module in self.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.num_groups = norm_num_groups
+        self.num_classes = "text"  # UNetModel._forward then adds label_emb(y) to the time embedding
+        self.label_emb = TextTimeEmbedding(kwargs["context_dim"], kwargs["model_channels"] * 4, text_time_heads,
+                                           dtype=self.dtype, device=kwargs.get("device"),
+                                           operations=kwargs["operations"])
+
+    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
+        return super().forward(x, timesteps, context, context if y is None else y, control, transformer_options,
+                               **kwargs)
+
+
+class ShapesLatent(comfy.latent_formats.LatentFormat):
+    """Pixel space: a LATENT is the image itself in −1..1, 3 channels."""
+
+    latent_channels = 3
+    scale_factor = 1.0
+
+    def __init__(self):
+        self.latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+        self.latent_rgb_factors_bias = [0.0, 0.0, 0.0]
+
+
+class Shapes(comfy.supported_models_base.BASE):
+    """The model config; its class name gives model_family() == "shapes", the CLI's family."""
+
+    unet_config = {}  # never matched by checkpoint detection: only load_shapes builds it
+    unet_extra_config = {}
+    sampling_settings = {"beta_schedule": "cosine"}  # the host's name for diffusers' squaredcos_cap_v2
+    latent_format = ShapesLatent
+    memory_usage_factor = 0.05
+    supported_inference_dtypes = [torch.float32]
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return comfy.model_base.BaseModel(self, model_type=comfy.model_base.ModelType.EPS, device=device,
+                                          unet_model=ShapesUNet)
+
+
+class ShapesTextModel(CLIPTextModel):
+    """The host's CLIP text model with the config's vocabulary size (the host assumes 49408)."""
+
+    def __init__(self, config_dict, dtype, device, operations):
+        super().__init__(config_dict, dtype, device, operations)
+        self.text_model.embeddings = CLIPEmbeddings(
+            config_dict["hidden_size"], vocab_size=config_dict["vocab_size"],
+            num_positions=config_dict["max_position_embeddings"], dtype=dtype, device=device, operations=operations)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SliderError(f"cannot read {path}: {exc}") from exc
+
+
+def shapes_clip_target(folder: Path):
+    encoder = _read_json(folder / "text_encoder" / "config.json")
+    tokenizer = _read_json(folder / "tokenizer" / "tokenizer_config.json")
+    max_length = min(int(tokenizer["model_max_length"]), int(encoder["max_position_embeddings"]))
+    special = {"start": encoder["bos_token_id"], "end": encoder["eos_token_id"], "pad": encoder["pad_token_id"]}
+    tokenizer_path = str(folder / "tokenizer")
+
+    class ShapesClipModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (the host's signature)
+            super().__init__(device=device, dtype=dtype, max_length=max_length, layer="last",
+                             textmodel_json_config=dict(encoder), model_class=ShapesTextModel,
+                             special_tokens=special, return_projected_pooled=False, model_options=model_options)
+
+    class ShapesWordTokenizer(comfy.sd1_clip.SDTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006
+            from transformers import PreTrainedTokenizerFast
+
+            super().__init__(tokenizer_path, max_length=max_length, pad_with_end=False, pad_token=special["pad"],
+                             end_token=special["end"], embedding_directory=embedding_directory,
+                             embedding_size=encoder["hidden_size"], embedding_key="shapes",
+                             tokenizer_class=PreTrainedTokenizerFast, has_start_token=True, has_end_token=True,
+                             pad_to_max_length=True, tokenizer_data=tokenizer_data)
+            # the host moves a word group shorter than max_word_length whole into the next chunk; with
+            # 8-token chunks a 7-token group never fits and tokenizing never ends. 1: split at the edge.
+            self.max_word_length = 1
+
+        def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+            # the host splits long prompts into several chunks; the CLI (diffusers) truncates to one
+            chunks = super().tokenize_with_weights(text, return_word_ids, **kwargs)
+            if len(chunks) > 1:
+                logging.warning("shapes model: prompt %r is longer than %d tokens; truncated", text, max_length)
+            return chunks[:1]
+
+    class ShapesTokenizer(comfy.sd1_clip.SD1Tokenizer):  # gives the {name: tokens} form CLIPTextEncode passes
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
+                             name="shapes", tokenizer=ShapesWordTokenizer)
+
+    class ShapesClip(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+            super().__init__(device=device, dtype=dtype, model_options=model_options, name="shapes",
+                             clip_model=ShapesClipModel)
+
+    return comfy.supported_models_base.ClipTarget(ShapesTokenizer, ShapesClip)
+
+
+def _load_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise SliderError(f"the shapes model file {path} is missing; restore models/ from the pack's git "
+                          "repository or retrain it with scripts/train_shapes_model.py")
+    return comfy.utils.load_torch_file(str(path), safe_load=True)
+
+
+def load_shapes(folder: str | Path, clamp: bool = True):
+    """The shapes model folder → (MODEL, CLIP, VAE) that the stock nodes and this pack's nodes accept.
+
+    clamp: clip the predicted x0 to [−1, 1] after CFG at every step (the host's post-CFG hook), as the
+    CLI's scheduler does (thresholding); without it, samplers that start at σ_max ≈ 20291 return noise.
+    """
+    folder = Path(folder)
+    config = Shapes(shapes_unet_config(_read_json(folder / "unet" / "config.json")))
+    config.set_inference_dtype(torch.float32, None)  # 1.5 M parameters: fp32 everywhere
+    offload_device = comfy.model_management.unet_offload_device()
+    base = config.get_model({}, device=offload_device)
+    mapping = comfy.utils.unet_to_diffusers(config.unet_config)  # diffusers name → the host's name
+    weights = {}
+    for key, value in _load_weights(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        if key.startswith("add_embedding."):
+            weights["label_emb." + key[len("add_embedding."):]] = value
+        elif key in mapping:
+            weights[mapping[key]] = value
+        else:
+            raise SliderError(f"{folder}: UNet weight {key} has no place in the shapes model")
+    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise SliderError(f"{folder}: the UNet weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=offload_device)
+    if clamp:
+        model.set_model_sampler_post_cfg_function(lambda args: args["denoised"].clamp(-1.0, 1.0))
+
+    # the host keeps text encoders in fp16 by default, which moves this model's conditioning by ~2e-3
+    clip = comfy.sd.CLIP(shapes_clip_target(folder), model_options={"dtype": torch.float32})
+    text = _load_weights(folder / "text_encoder" / "model.safetensors")
+    if not any(k.startswith("text_model.") for k in text):  # transformers 5 saves CLIPTextModel without it
+        text = {"text_model." + k: v for k, v in text.items()}
+    missing, _ = clip.load_sd(text)
+    if [k for k in missing if k != "text_projection.weight"]:  # the projection is unused (layer "last")
+        raise SliderError(f"{folder}: the text encoder weights do not fit (missing {missing[:3]})")
+    projection = clip.cond_stage_model.shapes.transformer.text_projection.weight
+    with torch.no_grad():  # the host leaves unloaded weights uninitialised
+        projection.copy_(torch.eye(projection.shape[0], dtype=projection.dtype))
+
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})  # the host's own identity "VAE"
+    return model, clip, vae
+
+
+def preview_image(patcher, latents: torch.Tensor, min_height: int = 128):
+    """Latents [1, C, H, W] → a progress preview ("JPEG", PIL image, max size) the UI draws on the node:
+    the host's previewer (TAESD or Latent2RGB, as the user set it), else Latent2RGB. Small images are
+    enlarged without smoothing so a 32-px strip stays readable."""
+    import latent_preview
+    from PIL import Image
+
+    latent_format = patcher.model.latent_format
+    previewer = latent_preview.get_previewer(patcher.load_device, latent_format) or \
+        latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias)
+    image = previewer.decode_latent_to_preview(latents.to(patcher.load_device))
+    if image.height < min_height:
+        factor = -(-min_height // image.height)
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    return ("JPEG", image, latent_preview.MAX_PREVIEW_RESOLUTION)
+
+
+def native_resolution(patcher) -> int:
+    return _NATIVE_RESOLUTION.get(model_family(patcher), 512)
+
+
+def runs_on_cpu() -> bool:
+    return comfy.model_management.get_torch_device().type == "cpu"
+
+
+def show_text(node_id, text: str) -> None:
+    """A line of text under the node while it runs (the host's progress text)."""
+    import sys
+
+    server = sys.modules.get("server")  # only inside a running ComfyUI server
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if node_id is not None and instance is not None:
+        instance.send_progress_text(text, node_id)

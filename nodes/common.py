@@ -15,6 +15,9 @@ from ..sliders_core.slider_weights import META_FAMILY, SliderWeights
 SLIDER = "SLIDER"  # a SliderFile: a slider's tensors in any supported key form + its metadata
 CATEGORY = "sliders"
 SLIDERS_SUBFOLDER = "sliders"
+# sliders shipped with the pack (for the shapes model) appear in the slider lists under this prefix
+SHIPPED_PREFIX = "concept-sliders-pack/"
+SHIPPED_SLIDERS_DIR = Path(__file__).resolve().parents[1] / "models" / "sliders"
 ALPHA_LIMIT = 20.0  # the paper shows strengths up to ±5 and beyond; past ±20 images break down
 
 
@@ -55,14 +58,21 @@ def sliders_dir() -> Path:
 
 
 def lora_files() -> list[str]:
+    """The loras folder's files, then the sliders shipped with the pack."""
     import folder_paths
 
-    return folder_paths.get_filename_list("loras")
+    shipped = sorted(SHIPPED_PREFIX + p.name for p in SHIPPED_SLIDERS_DIR.glob("*.safetensors"))
+    return folder_paths.get_filename_list("loras") + shipped
 
 
 def lora_path(name: str) -> Path:
     import folder_paths
 
+    if name.startswith(SHIPPED_PREFIX):
+        path = SHIPPED_SLIDERS_DIR / Path(name[len(SHIPPED_PREFIX):]).name  # never leaves the folder
+        if not path.is_file():
+            raise FileNotFoundError(f"the pack ships no slider {name!r}; shipped: {lora_files()}")
+        return path
     return Path(folder_paths.get_full_path_or_raise("loras", name))
 
 

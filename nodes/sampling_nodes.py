@@ -119,14 +119,14 @@ class SliderSweep:
                     "start_step": ("INT", {"default": 0, "min": 0, "max": 10000,
                                    "tooltip": "Delayed LoRA: step at which the slider switches on."})}
         required.update(_sampler_inputs())
-        return {"required": required}
+        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sweep(self, model, slider, vae, alphas, start_step, seed, steps, cfg, sampler_name, scheduler, positive,
-              negative, latent_image):
+              negative, latent_image, unique_id=None):
         import comfy.model_management
         import comfy.utils
 
-        from .comfy_backend import ksample
+        from .comfy_backend import ksample, show_text
 
         values = [check_alpha(a) for a in parse_numbers(alphas, "alphas")]
         if not values:
@@ -136,10 +136,11 @@ class SliderSweep:
         columns = []
         for k, alpha in enumerate(values):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            show_text(unique_id, f"α = {alpha:g} ({k + 1} of {len(values)})")
             set_schedule(delayed_schedule(alpha, start_step, steps))
             latent = ksample(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                              progress=progress, offset=k * steps)
             columns.append(vae.decode(latent["samples"]).float().cpu())
         side = columns[0].shape[2]
-        grid = grid_image(columns, [f"alpha={a:g}" for a in values], cell=max(64, min(512, side)))
+        grid = grid_image(columns, [f"alpha={a:g}" for a in values], cell=max(128, min(512, side)))
         return (pil_to_image(grid),)

@@ -3,11 +3,16 @@ MODEL, CLIP and VAE the graph loaded."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+
 import torch
 
 from ..sliders_core.config import LAYER_PRESETS, PairTrainConfig, TrainConfig, layer_presets_help, parse_numbers
 from ..sliders_core.formats import load_slider, safe_output_path
 from ..sliders_core.image_pairs import pairs_from_batches
+from ..sliders_core.inference import alpha_strip
 from ..sliders_core.pair_slider import train_pair_slider
 from ..sliders_core.plots import loss_plot
 from ..sliders_core.prompts import ACTIONS, pair_from_dict
@@ -15,12 +20,20 @@ from ..sliders_core.text_slider import train_text_slider
 from .common import CATEGORY, SLIDER, SliderFile, lora_files, lora_path, pil_to_image, sliders_dir
 
 NO_RESUME = "none"
+NATIVE = 0  # the resolution widget's "the model's own size"
+PREVIEW_STEPS = 15  # sampling steps of each live-preview image
+ESTIMATE_AFTER = 5  # steps timed before the run's cost is told
+log = logging.getLogger(__name__)
 
 
 OPTIONAL_TRAINING_INPUTS = {
     "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
                                "Recompute activations during backward: less memory, slower."}),
+    "preview_every": ("INT", {"default": 50, "min": 0, "max": 100000, "tooltip":
+                      "Every N steps, show the prompt at α = −1 / 0 / +1 on this node (one noise, "
+                      f"{PREVIEW_STEPS} steps each: 3 small samplings). 0: no preview."}),
 }
+HIDDEN_INPUTS = {"unique_id": "UNIQUE_ID"}
 
 
 class TrainingNode:
@@ -47,7 +60,8 @@ def training_inputs(iterations: int, slider_name: str, resolution_tooltip: str) 
                    + layer_presets_help()}),
         "iterations": ("INT", {"default": iterations, "min": 1, "max": 100000, "tooltip": "Training steps."}),
         "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
-        "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": resolution_tooltip}),
+        "resolution": ("INT", {"default": NATIVE, "min": 0, "max": 2048, "step": 8, "tooltip":
+                       resolution_tooltip + " 0: the model's own size (512 SD1.x, 768 SD2, 1024 SDXL, 32 shapes)."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
                  "tooltip": "Same seed, same slider."}),
         "slider_name": ("STRING", {"default": slider_name, "tooltip":
@@ -66,7 +80,8 @@ class TrainTextSlider(TrainingNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2 or SDXL) the slider is trained for."}),
+            "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2, SDXL or the shapes model) the slider is "
+                                "trained for."}),
             "clip": ("CLIP", {"tooltip": "The model's text encoder."}),
             "target": ("STRING", {"default": "a photo of a person", "tooltip":
                        "c_t: the prompts the slider will edit; training images come from it."}),
@@ -80,14 +95,16 @@ class TrainTextSlider(TrainingNode):
                     "η, the training target's strength (reference: 1–4). It multiplies the sum over preservation "
                     "attributes."}),
             **training_inputs(iterations=500, slider_name="my_slider",
-                              resolution_tooltip="Training image size (512 for SD1.x, 1024 for SDXL)."),
-        }, "optional": OPTIONAL_TRAINING_INPUTS}
+                              resolution_tooltip="Training image size."),
+        }, "optional": OPTIONAL_TRAINING_INPUTS, "hidden": HIDDEN_INPUTS}
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
-              iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):
+              iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False,
+              preview_every=0, unique_id=None):
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
-        config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta, resolution=resolution,
+        config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta,
+                             resolution=resolution or None,
                              layers=layers, seed=seed, save_every=save_every,
                              gradient_checkpointing=gradient_checkpointing)
         config.validate()
@@ -96,7 +113,8 @@ class TrainTextSlider(TrainingNode):
             return train_text_slider(denoiser, [pair], config, name="slider", resume=resume,
                                      checkpoint_path=out, callback=on_step, progress=False)
 
-        return train_in_graph(run, model, clip, None, slider_name, resume_from, iterations)
+        return train_in_graph(run, model, clip, None, slider_name, resume_from, iterations,
+                              preview=LivePreview(target, preview_every, resolution), node_id=unique_id)
 
 
 class TrainPairSlider(TrainingNode):
@@ -107,7 +125,8 @@ class TrainPairSlider(TrainingNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2 or SDXL) the slider is trained for."}),
+            "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2, SDXL or the shapes model) the slider is "
+                                "trained for."}),
             "clip": ("CLIP", {"tooltip": "The model's text encoder (encodes the prompt, empty by default)."}),
             "vae": ("VAE", {"tooltip": "The model's VAE: the pairs are trained on as latents."}),
             "images_a": ("IMAGE", {"tooltip": "A: less of the concept. One image per pair, in the order of B."}),
@@ -118,37 +137,80 @@ class TrainPairSlider(TrainingNode):
                                      "one number for all, or one per pair (Load Image Pairs gives them)."}),
             **training_inputs(iterations=1000, slider_name="my_pair_slider", resolution_tooltip=
                               "Training size: pairs of another size are resized and centre-cropped (A and B alike)."),
-        }, "optional": OPTIONAL_TRAINING_INPUTS}
+        }, "optional": OPTIONAL_TRAINING_INPUTS, "hidden": HIDDEN_INPUTS}
 
     def train(self, model, clip, vae, images_a, images_b, prompt, strengths, rank, alpha, layers, iterations, lr,
-              resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False):
+              resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False,
+              preview_every=0, unique_id=None):
+        from .comfy_backend import native_resolution
+
         config = PairTrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, layers=layers, seed=seed,
                                  save_every=save_every, gradient_checkpointing=gradient_checkpointing)
         config.validate()
+        resolution = resolution or native_resolution(model)
         pairs = pairs_from_batches(images_a, images_b, resolution, parse_numbers(strengths, "strengths") or [1.0])
 
         def run(denoiser, resume, out, on_step):
             return train_pair_slider(denoiser, pairs, config, prompt=prompt, name="slider", resume=resume,
                                      checkpoint_path=out, callback=on_step, progress=False)
 
-        return train_in_graph(run, model, clip, vae, slider_name, resume_from, iterations)
+        return train_in_graph(run, model, clip, vae, slider_name, resume_from, iterations,
+                              preview=LivePreview(prompt, preview_every, resolution), node_id=unique_id)
 
 
-def train_in_graph(run, model, clip, vae, slider_name: str, resume_from: str, iterations: int):
-    """What both training nodes share: the output file, progress and cancel, inference mode off, and
-    a cancelled run leaving no new file (an earlier slider of that name stays as it was)."""
+class LivePreview:
+    """Every `every` steps, the prompt at α = −1 / 0 / +1 from one fixed noise, as the node's progress preview."""
+
+    def __init__(self, prompt: str, every: int, resolution: int):
+        self.prompt, self.every, self.resolution = prompt, every, resolution
+        self.noise = self.conds = None
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == total)
+
+    def image(self, denoiser):
+        from .comfy_backend import preview_image
+
+        if self.conds is None:
+            self.conds = denoiser.encode([self.prompt]), denoiser.encode([""])
+            self.noise = denoiser.initial_noise(1, self.resolution or denoiser.default_resolution,
+                                                torch.Generator().manual_seed(0))
+        strip = alpha_strip(denoiser, *self.conds, "slider", self.noise, steps=PREVIEW_STEPS)
+        return preview_image(denoiser.patcher, strip)
+
+
+def train_in_graph(run, model, clip, vae, slider_name: str, resume_from: str, iterations: int, *,
+                   preview: LivePreview | None = None, node_id=None):
+    """What both training nodes share: the output file, progress, cancel and live preview, what the run
+    costs, inference mode off, and a cancelled run leaving no new file (an earlier slider of that name
+    stays as it was)."""
     import comfy.model_management
     import comfy.utils
 
-    from .comfy_backend import ComfyDenoiser
+    from .comfy_backend import ComfyDenoiser, runs_on_cpu, show_text
 
     out = safe_output_path(sliders_dir(), slider_name)
     previous = out.read_bytes() if out.exists() else None
     progress = comfy.utils.ProgressBar(iterations)
+    clock = {"start": time.perf_counter(), "first_step": None}
 
     def on_step(step: int, total: int, loss: float) -> None:
-        progress.update_absolute(step, total)
         comfy.model_management.throw_exception_if_processing_interrupted()  # the UI's cancel
+        if math.isnan(loss):  # a model call inside a step (frozen sampling): progress and cancel only
+            progress.update_absolute(step, total)
+            return
+        if clock["first_step"] is None:
+            clock["first_step"] = step - 1
+        done = step - clock["first_step"]
+        per_step = (time.perf_counter() - clock["start"]) / max(done, 1)
+        left = f"about {_duration(per_step * (total - step))} left"
+        show_text(node_id, f"step {step}/{total} · loss {loss:.4g} · {per_step:.2f} s/step · {left}")
+        if done == ESTIMATE_AFTER and runs_on_cpu():
+            log.warning("Concept Sliders: training on CPU at %.2f s/step; %d steps take about %s. A GPU is "
+                        "many times faster; on CPU try fewer iterations or the shapes model first.",
+                        per_step, total, _duration(per_step * total))
+        image = preview.image(denoiser) if preview is not None and preview.due(step, total) else None
+        progress.update_absolute(step, total, image)
 
     with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode
         denoiser = ComfyDenoiser(model, clip, vae)
@@ -168,3 +230,7 @@ def train_in_graph(run, model, clip, vae, slider_name: str, resume_from: str, it
     report = result.report()
     return {"ui": {"text": [report]},
             "result": (SliderFile.from_weights(result.weights, out.stem), pil_to_image(loss_plot(result.losses)), report)}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .denoiser import Denoiser, SliderSchedule
+from .denoiser import Cond, Denoiser, SliderSchedule
 from .errors import SliderError
 from .formats import load_slider
 
@@ -80,6 +80,22 @@ def generate(denoiser: Denoiser, prompt: str, *, scales: dict[str, float], seeds
     finally:
         denoiser.sliders.set_scales({})
     return denoiser.decode(trajectory.final)
+
+
+@torch.no_grad()
+def alpha_strip(denoiser: Denoiser, cond: Cond, uncond: Cond, slider: str, noise: torch.Tensor, *,
+                alphas: Sequence[float] = (-1.0, 0.0, 1.0), steps: int = 15, guidance: float = 3.0) -> torch.Tensor:
+    """One noise denoised at each α, the final latents side by side [1, C, H, W·len(alphas)]: a small
+    live view of a slider while it trains. Every slider is off afterwards."""
+    finals = []
+    try:
+        for alpha in alphas:
+            trajectory = denoiser.sample(cond, uncond, guidance=guidance, steps=steps, noise=noise[:1],
+                                         slider_schedule=lambda step, total, a=alpha: {slider: a})
+            finals.append(trajectory.final)
+    finally:
+        denoiser.sliders.set_scales({})
+    return torch.cat(finals, dim=-1)
 
 
 def sweep(denoiser: Denoiser, prompt: str, slider: str, alphas: Sequence[float], *, seeds: Sequence[int] = (0,),

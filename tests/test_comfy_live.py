@@ -22,7 +22,6 @@ Run:  COMFYUI_DIR=/path/to/ComfyUI OMP_NUM_THREADS=1 /path/to/comfy-venv/bin/pyt
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -34,33 +33,32 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from workflow_support import WORKFLOWS, load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 # ComfyUI serves a pack's example workflows from the first of these folders that exists
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
-WORKFLOWS = REPO / "example_workflows" if (REPO / "example_workflows").is_dir() else REPO / "workflows"
-PACK_NODE_IDS = ("ConceptSlidersTrainText", "ConceptSlidersTrainPairs", "ConceptSlidersLoadImagePairs",
+PACK_NODE_IDS = ("ConceptSlidersLoadShapesModel", "ConceptSlidersTrainText", "ConceptSlidersTrainPairs", "ConceptSlidersLoadImagePairs",
                  "ConceptSlidersLoad", "ConceptSlidersApply", "ConceptSlidersStack",
                  "ConceptSlidersDelayedSampler", "ConceptSlidersSweep", "ConceptSlidersNullTextInvert",
                  "ConceptSlidersInversionSampler", "ConceptSlidersSaveInversion", "ConceptSlidersLoadInversion")
 DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_ui_workflows", WORKFLOWS / "make_ui_workflows.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_generator()
 API_WORKFLOWS = gen.api_workflows(WORKFLOWS)
 WORKFLOW_NAMES = sorted(API_WORKFLOWS)
+# the workflows on the pack's embedded shapes model run as shipped, with no checkpoint; the others need SD1.5
+SHAPES_WORKFLOWS = [n for n in WORKFLOW_NAMES if n.startswith("Shapes")]
+SD_WORKFLOWS = [n for n in WORKFLOW_NAMES if n not in SHAPES_WORKFLOWS]
+SD_COMPOSE, SD_DELAYED, SD_EDIT = ("SD1.5 - compose three sliders", "SD1.5 - delayed slider vs plain",
+                                   "SD1.5 - edit a photo with a slider")
 
 
 # =================================================================================================
@@ -104,7 +102,15 @@ def test_workflow_uses_core_and_pack_nodes_with_valid_values(name):
             if spec["type"] in ("INT", "FLOAT"):
                 assert spec.get("min", value) <= value <= spec.get("max", value), (node_id, name_, value)
     ckpts = [n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
-    assert ckpts and all(c == DEFAULT_CKPT for c in ckpts), ckpts
+    if name in SHAPES_WORKFLOWS:  # out of the box: the embedded model and sliders shipped with the pack
+        assert not ckpts, ckpts
+        assert any(n["class_type"] == "ConceptSlidersLoadShapesModel" for n in api.values())
+        for node in api.values():
+            if node["class_type"] == "ConceptSlidersLoad":
+                shipped = node["inputs"]["slider_name"].removeprefix("concept-sliders-pack/")
+                assert (REPO / "models" / "sliders" / shipped).is_file(), node["inputs"]["slider_name"]
+    else:
+        assert ckpts and all(c == DEFAULT_CKPT for c in ckpts), ckpts
 
 
 def test_check_ui_catches_broken_links_and_widget_drift():
@@ -527,7 +533,8 @@ def base_slider(server) -> Path:
     assert path.is_file(), sorted(p.name for p in server.sliders.iterdir())
     for api in API_WORKFLOWS.values():
         for node in api.values():
-            if node["class_type"] == "ConceptSlidersLoad":
+            if node["class_type"] == "ConceptSlidersLoad" and not node["inputs"]["slider_name"].startswith(
+                    "concept-sliders-pack/"):  # the shapes workflows load sliders shipped with the pack
                 target = server.loras / node["inputs"]["slider_name"]
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -581,7 +588,7 @@ _SHADOW = next((f for f in TEMPLATE_FOLDERS if (REPO / f).is_dir()), None)
                           "workflows (rename the folder to example_workflows/)")
 def test_ui_workflows_are_served_as_templates(server):
     for name in WORKFLOW_NAMES:
-        body = server.get(f"/api/workflow_templates/comfyui-concept-sliders/{name}.json")
+        body = server.get(f"/api/workflow_templates/comfyui-concept-sliders/{urllib.parse.quote(name)}.json")
         assert body["version"] == gen.UI_VERSION and body["nodes"], name
 
 
@@ -597,7 +604,7 @@ def test_tiny_checkpoint_loads_cleanly(server, base_slider):
 
 
 @live
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+@pytest.mark.parametrize("name", SD_WORKFLOWS)
 def test_example_workflow_runs(server, base_slider, name):
     prompt = shrink(API_WORKFLOWS[name], name)
     started = time.monotonic()
@@ -618,13 +625,93 @@ def test_example_workflow_runs(server, base_slider, name):
             h, w, _ = pixels(images[grid_node][0]).shape
             n_alphas = len([a for a in node["inputs"]["alphas"].split(",") if a.strip()])
             assert w >= n_alphas * 64 and h >= 64, (w, h)
-    if name == "compose_three_sliders":  # chained Apply ×3 and Slider Stack build the same model
+    if name == SD_COMPOSE:  # chained Apply ×3 and Slider Stack build the same model
         chain = pixels(images["16"][0])
         stack = pixels(images["17"][0])
         assert (chain == stack).all(), f"max |chain - stack| = {abs(chain - stack).max()}"
-    if name == "delayed_vs_plain":  # switching the slider on later must change the picture
+    if name == SD_DELAYED:  # switching the slider on later must change the picture
         assert (pixels(images["11"][0]) != pixels(images["12"][0])).any()
     print(f"{name}: {time.monotonic() - started:.1f}s")
+
+
+def shapes_measures(paths: list[Path]) -> dict[str, np.ndarray]:
+    """Area fraction and colour name of 32×32 shapes-model images."""
+    from sliders_core.shapes.metrics import measure_batch
+
+    measured = measure_batch(np.stack([pixels(p) for p in paths]).astype(np.float32) / 255)
+    return {"area": np.array([m.area_fraction for m in measured]), "colour": np.array([m.color for m in measured])}
+
+
+def sweep_cells(path: Path, columns: int, rows: int, label: int = 16) -> list[list[np.ndarray]]:
+    """A Slider Sweep grid → per column (α) the cells of its rows, each scaled back to 32×32."""
+    grid = pixels(path)
+    cell = (grid.shape[0] - label) // rows
+    assert grid.shape[1] == cell * columns, (grid.shape, columns, rows)
+    return [[grid[label + r * cell: label + (r + 1) * cell, c * cell:(c + 1) * cell][::cell // 32, ::cell // 32]
+             for r in range(rows)] for c in range(columns)]
+
+
+@live
+@pytest.mark.parametrize("name", SHAPES_WORKFLOWS)
+def test_shapes_workflow_runs_as_shipped_and_moves_its_concept(server, name, tmp_path):
+    """No checkpoint, no change to the shipped settings: the workflow runs, and what it shows is measured."""
+    from sliders_core.shapes.metrics import measure_batch
+
+    prompt = copy.deepcopy(API_WORKFLOWS[name])
+    tag = "".join(ch if ch.isalnum() else "_" for ch in name)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = f"live/{tag}/{node_id}"
+        if node["class_type"] == "ConceptSlidersTrainText":
+            node["inputs"]["slider_name"] = f"live_{tag}_{node_id}"
+    started = time.monotonic()
+    entry = server.run(prompt, timeout=600)
+    took = time.monotonic() - started
+    assert_success(entry)
+    saves = {i: saved_images(server, entry, i) for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+    by_title = {prompt[i].get("_meta", {}).get("title", i): paths for i, paths in saves.items()}
+    if "train" in name:
+        sweep_id = next(i for i, n in prompt.items() if n["class_type"] == "ConceptSlidersSweep")
+        alphas = [float(a) for a in prompt[sweep_id]["inputs"]["alphas"].split(",")]
+        grid_path = next(paths[0] for i, paths in saves.items() if prompt[i]["inputs"]["images"][0] == sweep_id)
+        cells = sweep_cells(grid_path, len(alphas), rows=4)
+        areas = [float(np.mean([m.area_fraction for m in measure_batch(np.stack(c).astype(np.float32) / 255)]))
+                 for c in cells]
+        print(f"{name}: mean area per α {dict(zip(alphas, np.round(areas, 3).tolist()))}")
+        middle = [a for alpha, a in zip(alphas, areas) if abs(alpha) < 1]  # the overshoot at ±1.5 aside
+        assert all(x < y for x, y in zip(middle, middle[1:])), f"area does not grow with α: {areas}"
+        assert areas[-1] > 1.5 * areas[alphas.index(0.0)], areas
+        report = entry["outputs"][next(i for i, n in prompt.items() if n["class_type"] == "PreviewAny")]
+        assert "delivers" in json.dumps(report) and "WARNING" not in json.dumps(report), report
+    elif "compose" in name:
+        base = shapes_measures(by_title["Base model"])
+        both = shapes_measures(by_title["Both sliders, same seeds"])
+        print(f"{name}: area {base['area'].mean():.3f} → {both['area'].mean():.3f}, "
+              f"colours {base['colour'].tolist()} → {both['colour'].tolist()}")
+        assert (base["colour"] == "blue").all(), base["colour"]  # the prompt is "a blue circle"
+        assert both["area"].mean() > 1.5 * base["area"].mean()  # the size slider at +1 ...
+        assert (both["colour"] == "red").all(), both["colour"]  # ... and the colour slider at +1.5, together
+    elif "delayed" in name:
+        delayed = shapes_measures(by_title["Delayed: the base model's layout kept"])
+        plain = shapes_measures(by_title["Plain: the slider from the first step"])
+        base_prompt = {k: v for k, v in prompt.items() if k in ("1", "3", "4", "5")}
+        base_prompt.update({"20": {"class_type": "KSampler", "inputs": {**prompt["8"]["inputs"], "model": ["1", 0]}},
+                            "21": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}},
+                            "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 0],
+                                                                         "filename_prefix": f"live/{tag}/base"}}})
+        base_entry = server.run(base_prompt)
+        assert_success(base_entry)
+        base = shapes_measures(saved_images(server, base_entry, "22"))
+        print(f"{name}: area base {base['area'].mean():.3f}, delayed {delayed['area'].mean():.3f}, "
+              f"plain {plain['area'].mean():.3f}; colours {base['colour'].tolist()}, {delayed['colour'].tolist()}, "
+              f"{plain['colour'].tolist()}")
+        assert (base["colour"] == "blue").all(), base["colour"]
+        assert (delayed["colour"] == "red").all() and (plain["colour"] == "red").all()  # both make the edit
+        # the delayed switch-on keeps the base model's sizes better than the slider from step 0
+        assert abs(delayed["area"] - base["area"]).mean() < abs(plain["area"] - base["area"]).mean()
+    else:
+        pytest.fail(f"no measured check for the shapes workflow {name!r}")
+    print(f"{name}: {took:.1f} s wall in the server")
 
 
 @live
@@ -804,10 +891,38 @@ def test_interrupt_stops_training_and_leaves_no_file(server):
 
 
 @live
+def test_interrupt_acts_during_the_frozen_trajectory(server):
+    """Cancel before step 1, while the frozen model samples the first trajectory (30 steps × 2 forwards
+    at a large size): it acts within about one model call and leaves no file."""
+    name = "live_cancel_trajectory"
+    target = server.sliders / f"{name}.safetensors"
+    prompt = train_prompt(name, iterations=5, lr=2e-4, save_every=1)
+    prompt["2"]["inputs"].update(resolution=256, preview_every=0)
+    prompt_id = server.submit(prompt)
+    deadline = time.monotonic() + 60
+    while not server.get("/queue")["queue_running"]:
+        assert time.monotonic() < deadline, "the prompt never started"
+        time.sleep(0.1)
+    time.sleep(4.0)  # the model is loaded and the trajectory is being sampled
+    assert not target.exists(), "step 1 finished already: the trajectory phase is too short to test"
+    assert server.history(prompt_id) is None
+    sent = time.monotonic()
+    status, _ = server.request("/interrupt", {})
+    assert status == 200
+    entry = server.wait(prompt_id, timeout=60)
+    took = time.monotonic() - sent
+    print(f"cancel during the trajectory phase acted after {took:.2f} s")
+    assert messages(entry, "execution_interrupted"), entry["status"]
+    assert took < 5, f"the interrupt took {took:.1f}s"
+    assert not [p.name for p in server.sliders.iterdir() if name in p.name]
+    assert server.alive()
+
+
+@live
 def test_inversion_workflow_alpha_zero_is_the_reconstruction(server, base_slider):
     """Through the running graph: the Inversion Sampler at α = 0 reproduces Null-Text Invert's reconstruction
     pixel for pixel, the file Save Inversion wrote loads back through Load Inversion, and α moves the image."""
-    prompt = shrink(API_WORKFLOWS["edit_photo_with_slider"], "alpha0")
+    prompt = shrink(API_WORKFLOWS[SD_EDIT], "alpha0")
     prompt["30"] = {"class_type": "ConceptSlidersInversionSampler", "inputs": {
         "model": ["1", 0], "inversion": ["4", 0], "alpha": 0.0, "start_at": 0.5, "slider": ["7", 0]}}
     prompt["31"] = {"class_type": "VAEDecode", "inputs": {"samples": ["30", 0], "vae": ["1", 2]}}
@@ -829,6 +944,77 @@ def test_inversion_workflow_alpha_zero_is_the_reconstruction(server, base_slider
     entry = server.run(reload)
     assert_success(entry)
     assert (pixels(saved_images(server, entry, "5")[0]) == reconstruction).all()
-    entry = server.run(shrink(API_WORKFLOWS["edit_photo_with_slider"], "alpha"))
+    entry = server.run(shrink(API_WORKFLOWS[SD_EDIT], "alpha"))
     assert_success(entry)
     assert any((pixels(p) != reconstruction).any() for p in saved_images(server, entry, "23"))
+
+
+# ---------------------------------------------------------------------------------------------
+# f. the web UI (headless Chromium driven by Playwright; Debian's chromium, never a downloaded browser)
+# ---------------------------------------------------------------------------------------------
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+# every node's box on the canvas (title bar included), the types the frontend does not know, overlaps
+_UI_CHECK = """() => {
+  const nodes = window.app.graph._nodes;
+  const missing = nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type);
+  const boxes = nodes.map(n => { const b = n.getBounding(); return [n.title, b[0], b[1], b[2], b[3]]; });
+  const overlaps = [];
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i], b = boxes[j];
+    const ox = Math.min(a[1] + a[3], b[1] + b[3]) - Math.max(a[1], b[1]);
+    const oy = Math.min(a[2] + a[4], b[2] + b[4]) - Math.max(a[2], b[2]);
+    if (ox > 4 && oy > 4) overlaps.push(`${a[0]} / ${b[0]}`);
+  }
+  return {count: nodes.length, missing, overlaps};
+}"""
+
+
+def test_every_template_has_a_thumbnail():
+    """The template browser shows `<stem>.jpg` as a template's card picture (a placeholder without it)."""
+    for name in WORKFLOW_NAMES:
+        thumbnail = WORKFLOWS / f"{name}.jpg"
+        assert thumbnail.is_file(), f"{thumbnail.name} is missing: run scripts/ui_screenshots.py"
+        assert thumbnail.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumbnail.name} is not a JPEG"
+
+
+@live
+def test_web_ui_opens_every_template_with_no_missing_node_no_overlap_and_no_error(server):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the UI tier needs Playwright (pip install playwright; never `playwright install`)")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"the UI tier needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    base = server.url
+    for name in WORKFLOW_NAMES:  # the thumbnails are served beside the templates
+        thumbnail = f"{base}/api/workflow_templates/comfyui-concept-sliders/{urllib.parse.quote(name)}.jpg"
+        with urllib.request.urlopen(thumbnail, timeout=30) as response:
+            assert response.status == 200 and response.read(3) == b"\xff\xd8\xff", name
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            problems: list[str] = []
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda m: problems.append(f"console: {m.text} {m.location}") if m.type == "error" else None)
+            page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
+            page.goto(base + "/")
+            page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
+            page.wait_for_timeout(1500)
+            page.keyboard.press("Escape")  # the first-run templates dialog
+            ours = [p for p in problems if "concept" in p.lower() or "slider" in p.lower()]
+            assert not ours, f"errors from the pack while the UI starts: {ours}"
+            for name in WORKFLOW_NAMES:
+                problems.clear()
+                url = f"{base}/api/workflow_templates/comfyui-concept-sliders/{urllib.parse.quote(name)}.json"
+                page.evaluate("async url => { const r = await fetch(url); "
+                              "await window.app.loadGraphData(await r.json()); }", url)
+                page.wait_for_timeout(800)
+                page.keyboard.press("Escape")
+                checked = page.evaluate(_UI_CHECK)
+                assert checked["count"] == len(json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]), name
+                assert not checked["missing"], f"{name}: missing node types {checked['missing']}"
+                assert not checked["overlaps"], f"{name}: overlapping nodes {checked['overlaps']}"
+                assert not problems, f"{name}: errors while it loads: {problems}"
+        finally:
+            browser.close()

@@ -215,7 +215,7 @@ def test_sweep_node_returns_a_grid_with_one_column_per_alpha(loras):
                 clip.conditioning("a person"), clip.conditioning(""), {"samples": torch.zeros(1, 4, 8, 8)})
     finally:
         utils.set_progress_bar_global_hook(previous_hook)
-    assert grid.shape == (1, 16 + 64, 3 * 64, 3)
+    assert grid.shape == (1, 16 + 128, 3 * 128, 3)  # cells of at least 128 px, so small images stay visible
     # one progress bar over the whole sweep: 3 α × 2 steps, counting up once, never restarting
     assert reports == [(i, 6) for i in range(1, 7)]
 
@@ -523,3 +523,122 @@ def test_cancel_stops_inversion_within_one_model_call(loras, monkeypatch):
     with pytest.raises(model_management.InterruptProcessingException):
         invert_node(patcher, clip, vae, inner_iterations=5)
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded shapes model as ComfyUI MODEL / CLIP / VAE
+# ---------------------------------------------------------------------------------------------
+SHAPES_DIR = ROOT / "models" / "shapes-v1"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    with torch.inference_mode():
+        return NODE_CLASS_MAPPINGS["ConceptSlidersLoadShapesModel"]().load("shapes-v1", True)
+
+
+@pytest.fixture(scope="module")
+def shapes_cli():
+    from concept_sliders_pack.sliders_core.backends.diffusers_backend import load_diffusers_model
+
+    return load_diffusers_model(SHAPES_DIR)
+
+
+def test_shapes_model_in_comfy_predicts_what_the_cli_predicts(shapes, shapes_cli):
+    model, clip, vae = shapes
+    denoiser = ComfyDenoiser(model, clip, vae)
+    assert (denoiser.family, denoiser.default_resolution, denoiser.downscale) == ("shapes", 32, 1)
+    prompts = ["a large red circle", "", "a small blue triangle"]
+    comfy_cond, cli_cond = denoiser.encode(prompts), shapes_cli.encode(prompts)
+    torch.testing.assert_close(comfy_cond.tensors["context"], cli_cond.tensors["context"].cpu(), atol=1e-5, rtol=0)
+    # the same ε at the same ᾱ: ComfyUI takes x in its σ scale, diffusers the variance-preserving x_t
+    sampling = model.model.model_sampling
+    gen = torch.Generator().manual_seed(0)
+    x_vp, t = torch.randn(3, 3, 32, 32, generator=gen), torch.tensor([900, 500, 50])
+    sigma = sampling.sigma(t.float()).float()
+    with torch.no_grad():
+        eps_comfy = denoiser.predict(x_vp * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1), sigma, comfy_cond)
+        eps_cli = shapes_cli.unet(x_vp, t, encoder_hidden_states=cli_cond.tensors["context"]).sample
+    torch.testing.assert_close(eps_comfy, eps_cli.float(), atol=1e-4, rtol=0)
+    assert set(denoiser.sliders.lora_candidates()) == set(shapes_cli.sliders.lora_candidates())
+
+
+def test_shapes_model_samples_shapes_through_the_stock_nodes(shapes):
+    from concept_sliders_pack.sliders_core.shapes.metrics import measure_batch
+
+    import nodes
+
+    model, clip, vae = shapes
+    with torch.inference_mode():
+        positive = nodes.CLIPTextEncode().encode(clip, "a large red circle")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = {"samples": torch.zeros(2, 3, 32, 32)}
+        samples = nodes.common_ksampler(model, 0, 25, 3.0, "euler", "normal", positive, negative, latent)[0]
+        images = nodes.VAEDecode().decode(vae, samples)[0]
+    assert images.shape == (2, 32, 32, 3)
+    measured = measure_batch(images.numpy())
+    assert [(m.color, m.shape, m.size) for m in measured] == [("red", "circle", "large")] * 2, measured
+
+
+def test_slider_trained_on_shapes_in_comfy_loads_in_the_cli_with_the_same_effect(shapes, shapes_cli, loras):
+    from concept_sliders_pack.sliders_core.formats import load_slider
+
+    model, clip, vae = shapes
+    train(model, clip, name="shapes_cross", iterations=3, lr=1e-2, resolution=0, target="a circle",
+          positive="a large circle", negative="a small circle", preservation="")
+    path = loras / "sliders" / "shapes_cross.safetensors"
+    weights = load_slider(path, shapes_cli.naming, family="shapes")  # the family check passes too
+    shapes_cli.sliders.add("cross", weights)
+    denoiser = ComfyDenoiser(model, clip, vae)
+    denoiser.sliders.add("cross", weights)
+    cond = denoiser.encode(["a circle"]).repeat_each(2)
+    gen = torch.Generator().manual_seed(3)
+    x_vp, t = torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([700, 300])
+    sigma = model.model.model_sampling.sigma(t.float()).float()
+    x_comfy = x_vp * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps_base = denoiser.predict(x_comfy, sigma, cond)
+        denoiser.sliders.set_scales({"cross": 1.0})
+        eps_comfy = denoiser.predict(x_comfy, sigma, cond)
+        shapes_cli.sliders.set_scales({"cross": 1.0})
+        context = shapes_cli.encode(["a circle"]).repeat_each(2).tensors["context"]
+        eps_cli = shapes_cli.unet(x_vp, t, encoder_hidden_states=context).sample.float()
+        shapes_cli.sliders.set_scales({})
+    assert float((eps_comfy - eps_base).abs().max()) > 1e-3  # the slider does something ...
+    torch.testing.assert_close(eps_comfy, eps_cli, atol=1e-4, rtol=0)  # ... and the same thing in both
+    shapes_cli.sliders.remove("cross")
+
+
+def test_training_on_shapes_shows_live_previews_and_a_measured_effect(shapes, loras):
+    import comfy.utils
+
+    model, clip, _ = shapes
+    previews = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: previews.append(preview) if preview is not None else None)
+    try:
+        _, _, report = train(model, clip, name="shapes_preview", iterations=4, lr=1e-2, resolution=0,
+                             target="a circle", positive="a large circle", negative="a small circle",
+                             preservation="", preview_every=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert len(previews) == 2  # steps 2 and 4
+    kind, image, _ = previews[-1]
+    assert kind == "JPEG" and image.width == 3 * image.height >= 3 * 128  # α = −1 / 0 / +1 side by side
+    assert "delivers" in report
+
+
+def test_shipped_sliders_are_listed_and_never_leave_their_folder(loras):
+    from concept_sliders_pack.nodes.common import SHIPPED_PREFIX, lora_files, lora_path
+
+    shipped = [f for f in lora_files() if f.startswith(SHIPPED_PREFIX)]
+    assert f"{SHIPPED_PREFIX}shapes_size.safetensors" in shipped
+    assert f"{SHIPPED_PREFIX}shapes_colour.safetensors" in shipped
+    assert lora_path(shipped[0]).is_file()
+    with pytest.raises(FileNotFoundError):
+        lora_path(SHIPPED_PREFIX + "../../shapes-v1/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_shapes_loader_refuses_a_model_that_is_not_shipped():
+    with pytest.raises(SliderError, match="no shipped model"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersLoadShapesModel"]().load("../shapes-v1", True)

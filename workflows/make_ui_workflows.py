@@ -17,7 +17,26 @@ UI format (litegraph, "version": 0.4), as the frontend saves it in its compact f
 - widgets_values: one value per widget input in the node's input order (required, then optional),
   and after every INT named `seed`/`noise_seed` (or with `control_after_generate`) the value of its
   "control after generate" combo, which the frontend inserts there (we ship "fixed");
-- links: [id, from_node, from_slot, to_node, to_slot, type], to_slot indexing the node's inputs list.
+- links: [id, from_node, from_slot, to_node, to_slot, type], to_slot indexing the node's inputs list;
+- groups: {id, title, bounding: [x, y, w, h], color, font_size, flags}. A node's pos is the top-left
+  of its body; its title bar (TITLE_HEIGHT) is drawn above pos[1].
+
+Layout sidecar `layout/<name>.json` (optional; every key optional):
+
+    {"nodes":  {"4": {"pos": [x, y], "size": [w, h]}},        # API node id → pos and/or size
+     "notes":  [{"id": 100, "text": "...", "pos": [x, y],     # id, text, pos required
+                 "title": "Read me", "size": [w, h]}],
+     "groups": [{"title": "1. Train", "nodes": [4, 5, 100], "color": "#3f789e"}]}
+
+- nodes without a pos are laid out automatically (one column per graph depth, ordered to limit
+  crossing wires, clear of the nodes the sidecar places); without any sidecar every node is;
+- a size's height never goes below the node's estimated height (widgets must fit); image previews
+  (SaveImage, PreviewImage) default to PREVIEW_SIZE;
+- notes become stock frontend Note nodes; their ids must differ from the API node ids;
+- a group's bounding is computed: its member nodes' boxes (title bars included) plus GROUP_PADDING,
+  and GROUP_TITLE_HEIGHT on top for the group's title. Members may be notes.
+`check_ui` reports overlapping nodes, overlapping groups and nodes across a group's border (see
+`overlaps`); the script prints them but still writes the file, to look at the result in the frontend.
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ import json
 import sys
 import urllib.request
 import uuid
+from itertools import combinations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,9 +59,23 @@ FILE_COMBOS = {"ckpt_name", "lora_name", "slider_name", "resume_from", "vae_name
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
 SEED_CONTROL_VALUE = "fixed"
 UI_VERSION = 0.4
-COLUMN_WIDTH = 420
+LAYOUTS = HERE / "layout"
+NODE_WIDTH_DEFAULT = 320
 NODE_WIDTH = {"ConceptSlidersTrainText": 400, "ConceptSlidersTrainPairs": 400, "ConceptSlidersSweep": 340,
               "ConceptSlidersDelayedSampler": 340, "ConceptSlidersNullTextInvert": 360}
+PREVIEW_SIZE = {"SaveImage": [400, 460], "PreviewImage": [400, 460]}  # room for the image itself
+NOTE_SIZE = [400, 200]
+NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}  # the frontend's look for notes
+GROUP_COLOR = "#3f789e"
+GROUP_FONT_SIZE = 24
+GROUP_PADDING = 20
+GROUP_TITLE_HEIGHT = 40
+TITLE_HEIGHT = 30  # node title bar, above pos[1]
+MARGIN = 40  # top-left of the auto layout
+COLUMN_GAP = 80
+ROW_GAP = 50  # body bottom → next body top (the title bar takes 30 of it)
+OVERLAP_TOLERANCE = 4  # px two boxes may share before they count as overlapping
+CLEARANCE = 20  # px the auto layout keeps between a node and what the sidecar placed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,8 +218,13 @@ def _node_height(schema: dict, n_sockets: int, n_outputs: int) -> int:
     return 36 + 22 * max(n_sockets, n_outputs, 1) + 24 * rows + 60 * multiline
 
 
-def api_to_ui(api: dict, snapshot: dict, name: str) -> dict:
+def api_to_ui(api: dict, snapshot: dict, name: str, layout: dict | None = None) -> dict:
+    """The UI workflow for one API graph. layout: the sidecar's content; None reads `layout/<name>.json`
+    (no file: automatic layout), {} forces the automatic layout."""
     _check_api(api, snapshot)
+    layout = load_layout(name) if layout is None else layout
+    _check_layout(layout, api)
+    placed = layout.get("nodes", {})
     ids = sorted(api, key=int)
     depth = _depths(api)
     order = sorted(ids, key=lambda i: (depth[i], int(i)))
@@ -195,11 +234,14 @@ def api_to_ui(api: dict, snapshot: dict, name: str) -> dict:
         node = api[node_id]
         class_type, schema = node["class_type"], snapshot[node["class_type"]]
         sockets = [s for s in schema["inputs"] if not s["widget"]]
+        estimate = _node_height(schema, len(sockets), len(schema["output"]))
+        width, height = placed.get(node_id, {}).get("size") or PREVIEW_SIZE.get(class_type) or (
+            NODE_WIDTH.get(class_type, NODE_WIDTH_DEFAULT), estimate)
         ui = {
             "id": int(node_id),
             "type": class_type,
             "pos": [0, 0],
-            "size": [NODE_WIDTH.get(class_type, 320), 0],
+            "size": [width, max(height, estimate)],  # never too small for its widgets
             "flags": {},
             "order": order.index(node_id),
             "mode": 0,
@@ -212,7 +254,6 @@ def api_to_ui(api: dict, snapshot: dict, name: str) -> dict:
         title = node.get("_meta", {}).get("title")
         if title and title != schema["display_name"]:
             ui["title"] = title
-        ui["size"][1] = _node_height(schema, len(sockets), len(schema["output"]))
         nodes[node_id] = ui
 
     for node_id in ids:  # links in target order: node id, then input order
@@ -236,22 +277,28 @@ def api_to_ui(api: dict, snapshot: dict, name: str) -> dict:
             socket["link"] = link_id
             outputs[src_slot]["links"].append(link_id)
 
-    # layout: one column per depth, nodes stacked in id order
-    column_y: dict[int, int] = {}
-    for node_id in ids:
-        d = depth[node_id]
-        y = column_y.get(d, 40)
-        nodes[node_id]["pos"] = [40 + d * COLUMN_WIDTH, y]
-        column_y[d] = y + nodes[node_id]["size"][1] + 50
+    notes = [_note_node(note, len(ids) + k) for k, note in enumerate(layout.get("notes", []))]
+    fixed = {i: entry["pos"] for i, entry in placed.items() if "pos" in entry}
+    obstacles = [node_box(n) for n in notes] + [node_box({"pos": p, "size": nodes[i]["size"]})
+                                                 for i, p in fixed.items()]
+    positions = auto_layout(api, {i: n["size"] for i, n in nodes.items()}, fixed, obstacles)
+    for node_id, node in nodes.items():
+        node["pos"] = list(positions[node_id])
 
+    ui_nodes = [nodes[i] for i in ids] + notes
+    boxes = {n["id"]: node_box(n) for n in ui_nodes}
+    groups = [{"id": k, "title": group["title"],
+               "bounding": group_bounding([boxes[m] for m in group["nodes"]]),
+               "color": group.get("color", GROUP_COLOR), "font_size": GROUP_FONT_SIZE, "flags": {}}
+              for k, group in enumerate(layout.get("groups", []), start=1)]
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-concept-sliders/{name}")),
         "revision": 0,
-        "last_node_id": max(int(i) for i in ids),
+        "last_node_id": max(n["id"] for n in ui_nodes),
         "last_link_id": len(links),
-        "nodes": [nodes[i] for i in ids],
+        "nodes": ui_nodes,
         "links": links,
-        "groups": [],
+        "groups": groups,
         "config": {},
         "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
         "version": UI_VERSION,
@@ -263,11 +310,173 @@ def dumps(ui: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Layout: sidecar, boxes, automatic placement
+# ------------------------------------------------------------------------------------------------
+
+def load_layout(name: str, folder: Path = LAYOUTS) -> dict:
+    """The layout sidecar `<folder>/<name>.json`, or {} when there is none."""
+    path = Path(folder) / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _pair(value, what: str) -> list:
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"layout: {what} must be two numbers, got {value!r}")
+    return list(value)
+
+
+def _check_keys(entry, allowed: set, required: set, what: str) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"layout: {what} must be an object, got {entry!r}")
+    unknown, missing = set(entry) - allowed, required - set(entry)
+    if unknown or missing:
+        raise ValueError(f"layout: {what}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+
+
+def _check_layout(layout: dict, api: dict) -> None:
+    """Refuse a sidecar that names unknown nodes, reuses an API node id for a note, or has typos in keys."""
+    _check_keys(layout, {"nodes", "notes", "groups"}, set(), "the sidecar")
+    for key, kind in (("nodes", dict), ("notes", list), ("groups", list)):
+        if not isinstance(layout.get(key, kind()), kind):
+            raise ValueError(f"layout: {key!r} must be a {kind.__name__}")
+    for node_id, entry in layout.get("nodes", {}).items():
+        if node_id not in api:
+            raise ValueError(f"layout: node {node_id} is not in the API file")
+        _check_keys(entry, {"pos", "size"}, set(), f"node {node_id}")
+        for key in entry:
+            _pair(entry[key], f"node {node_id} {key}")
+    note_ids: set[int] = set()
+    for k, note in enumerate(layout.get("notes", [])):
+        _check_keys(note, {"id", "text", "pos", "title", "size"}, {"id", "text", "pos"}, f"notes[{k}]")
+        note_id = note["id"]
+        if not isinstance(note_id, int) or isinstance(note_id, bool) or note_id < 1:
+            raise ValueError(f"layout: note id {note_id!r} must be a positive integer")
+        if str(note_id) in api:
+            free = max(int(i) for i in api) + 1
+            raise ValueError(f"layout: note id {note_id} clashes with API node {note_id} "
+                             f"({api[str(note_id)]['class_type']}); use an id from {free} up")
+        if note_id in note_ids:
+            raise ValueError(f"layout: two notes have id {note_id}")
+        note_ids.add(note_id)
+        _pair(note["pos"], f"note {note_id} pos")
+        if "size" in note:
+            _pair(note["size"], f"note {note_id} size")
+    for k, group in enumerate(layout.get("groups", [])):
+        _check_keys(group, {"title", "nodes", "color"}, {"title", "nodes"}, f"groups[{k}]")
+        strays = [m for m in group["nodes"] if not isinstance(m, int) or (str(m) not in api and m not in note_ids)]
+        if not group["nodes"] or strays:
+            raise ValueError(f"layout: group {group['title']!r} needs members that are API nodes or notes "
+                             f"(unknown: {strays})")
+
+
+def node_box(node: dict) -> list:
+    """[x, y, w, h] a node covers on the canvas, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return [x, y - TITLE_HEIGHT, w, h + TITLE_HEIGHT]
+
+
+def _overlap(a: list, b: list, tolerance: float = OVERLAP_TOLERANCE) -> bool:
+    """Do boxes a and b share more than `tolerance` px in both directions (negative: keep that much apart)?"""
+    return (min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]) > tolerance
+            and min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]) > tolerance)
+
+
+def _inside(a: list, b: list) -> bool:
+    return b[0] <= a[0] and b[1] <= a[1] and a[0] + a[2] <= b[0] + b[2] and a[1] + a[3] <= b[1] + b[3]
+
+
+def group_bounding(boxes: list[list]) -> list:
+    """A group's [x, y, w, h] around its members' boxes, with padding and room for its title on top."""
+    left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    right, bottom = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return [left - GROUP_PADDING, top - GROUP_PADDING - GROUP_TITLE_HEIGHT,
+            right - left + 2 * GROUP_PADDING, bottom - top + 2 * GROUP_PADDING + GROUP_TITLE_HEIGHT]
+
+
+def auto_layout(api: dict, sizes: dict[str, list], fixed: dict[str, list], obstacles: list[list]) -> dict[str, list]:
+    """pos of every API node: `fixed` ones as given, the others in columns (one per depth), ordered by
+    the mean height of their neighbours (fewer crossing wires), moved down to their highest parent's
+    height where there is room, and kept clear of the `obstacles` boxes (placed nodes, notes)."""
+    parents = {i: [v[0] for v in api[i]["inputs"].values() if is_link(v)] for i in api}
+    children: dict[str, list] = {i: [] for i in api}
+    for node_id, sources in parents.items():
+        for source in sources:
+            children[source].append(node_id)
+    depth = _depths(api)
+    # a node's column is its depth; a source (loader, prompt) moves right to just before its first
+    # consumer, so that it sits next to what it feeds instead of far left with a long wire
+    column = {i: depth[i] if parents[i] else min((depth[c] for c in children[i]), default=1) - 1 for i in api}
+    free = sorted((i for i in api if i not in fixed), key=int)
+    n_columns = max((column[i] + 1 for i in free), default=0)
+    columns = [[i for i in free if column[i] == c] for c in range(n_columns)]
+    xs = [MARGIN]
+    for col in columns[:-1]:  # a column the sidecar emptied keeps its room: later columns stay apart
+        xs.append(xs[-1] + max((sizes[i][0] for i in col), default=NODE_WIDTH_DEFAULT) + COLUMN_GAP)
+    pos = {i: list(p) for i, p in fixed.items()}
+
+    def mean_centre(node_id: str, neighbours: dict) -> float:
+        ys = [pos[m][1] + sizes[m][1] / 2 for m in neighbours[node_id]] or [pos[node_id][1] + sizes[node_id][1] / 2]
+        return sum(ys) / len(ys)
+
+    def stack(c: int, align: bool) -> None:
+        y = MARGIN
+        for node_id in columns[c]:
+            if align and parents[node_id]:  # not above its highest parent: chains form rows
+                y = max(y, min(pos[p][1] for p in parents[node_id]))
+            box = [xs[c], y - TITLE_HEIGHT, sizes[node_id][0], sizes[node_id][1] + TITLE_HEIGHT]
+            hit = next((o for o in obstacles if _overlap(box, o, -CLEARANCE)), None)
+            while hit:  # below the obstacle, then look again
+                box[1] = hit[1] + hit[3] + CLEARANCE
+                hit = next((o for o in obstacles if _overlap(box, o, -CLEARANCE)), None)
+            pos[node_id] = [xs[c], box[1] + TITLE_HEIGHT]
+            y = pos[node_id][1] + sizes[node_id][1] + ROW_GAP
+
+    for c in range(n_columns):  # start in id order (the API file's author's order)
+        stack(c, align=False)
+    for sweep in range(4):  # barycentre sweeps, alternately by parents (left to right) and by children
+        neighbours, order = (parents, range(n_columns)) if sweep % 2 == 0 else (children, reversed(range(n_columns)))
+        for c in order:
+            columns[c].sort(key=lambda node_id: mean_centre(node_id, neighbours))
+            stack(c, align=False)
+    for c in range(n_columns):
+        stack(c, align=True)
+    return pos
+
+
+def _note_node(note: dict, order: int) -> dict:
+    node = {"id": note["id"], "type": "Note", "pos": list(note["pos"]), "size": list(note.get("size", NOTE_SIZE)),
+            "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+            "properties": {"text": ""}, "widgets_values": [note["text"]], **NOTE_COLORS}
+    if "title" in note:
+        node["title"] = note["title"]
+    return node
+
+
+# ------------------------------------------------------------------------------------------------
 # Consistency check (used by the tests)
 # ------------------------------------------------------------------------------------------------
 
+def _label(node: dict) -> str:
+    return f"{node['id']} ({node.get('title') or node['type']})"
+
+
+def overlaps(ui: dict) -> list[str]:
+    """Layout problems: node boxes (title bars included) that overlap, groups that overlap, and nodes
+    that straddle a group's border (the frontend moves a node with a group only when it lies inside)."""
+    nodes, groups = ui.get("nodes", []), ui.get("groups", [])
+    problems = [f"nodes {_label(a)} and {_label(b)} overlap"
+                for a, b in combinations(nodes, 2) if _overlap(node_box(a), node_box(b))]
+    problems += [f"groups {a['title']!r} and {b['title']!r} overlap"
+                 for a, b in combinations(groups, 2) if _overlap(a["bounding"], b["bounding"])]
+    problems += [f"node {_label(n)} straddles the border of group {g['title']!r}"
+                 for g in groups for n in nodes
+                 if _overlap(node_box(n), g["bounding"]) and not _inside(node_box(n), g["bounding"])]
+    return problems
+
+
 def check_ui(ui: dict, api: dict, snapshot: dict) -> list[str]:
-    """Problems of one UI workflow: internal link consistency, and agreement with its API file."""
+    """Problems of one UI workflow: internal link consistency, agreement with its API file, overlaps."""
     errors: list[str] = []
     if ui.get("version") != UI_VERSION:
         errors.append(f"version is {ui.get('version')!r}, expected {UI_VERSION}")
@@ -314,10 +523,14 @@ def check_ui(ui: dict, api: dict, snapshot: dict) -> list[str]:
                 if link_id not in links:
                     errors.append(f"node {node_id} output {out['name']} lists missing link {link_id}")
 
-    # agreement with the API file
+    # agreement with the API file; only notes may be UI-only
     api_ids = {int(i) for i in api}
-    if set(nodes) != api_ids:
+    extra = sorted(i for i in set(nodes) - api_ids if nodes[i]["type"] != "Note")
+    if api_ids - set(nodes) or extra:
         errors.append(f"node ids differ from the API file: UI {sorted(nodes)} vs API {sorted(api_ids)}")
+    for node_id in set(nodes) - api_ids:
+        if nodes[node_id]["type"] == "Note" and (nodes[node_id]["inputs"] or nodes[node_id]["outputs"]):
+            errors.append(f"note {node_id} has inputs or outputs")
     for node_id_str, api_node in api.items():
         node = nodes.get(int(node_id_str))
         if node is None:
@@ -348,7 +561,7 @@ def check_ui(ui: dict, api: dict, snapshot: dict) -> list[str]:
         for inp in node["inputs"]:
             if inp.get("link") is not None and inp["name"] not in api_node["inputs"]:
                 errors.append(f"node {node_id_str}.{inp['name']} is linked in the UI but not in the API file")
-    return errors
+    return errors + overlaps(ui)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,19 +593,24 @@ def main(argv=None) -> int:
         print(f"wrote {SNAPSHOT.relative_to(REPO)} ({len(snapshot)} node types)")
     snapshot = load_snapshot()
     stale = []
+    problems = [f"layout/{p.name}: there is no api/{p.name}" for p in sorted(LAYOUTS.glob("*.json"))
+                if p.stem not in workflows]
     for name, api in workflows.items():
-        text = dumps(api_to_ui(api, snapshot, name))
+        ui = api_to_ui(api, snapshot, name)
+        problems += [f"{name}: {problem}" for problem in check_ui(ui, api, snapshot)]
+        text = dumps(ui)
         path = HERE / f"{name}.json"
         if path.exists() and path.read_text(encoding="utf-8") == text:
             continue
         stale.append(path.name)
-        if not args.check:
+        if not args.check:  # written even with layout problems, to look at them in the frontend
             path.write_text(text, encoding="utf-8")
             print(f"wrote workflows/{path.name}")
+    for problem in problems:
+        print(problem)
     if args.check and stale:
         print("out of date (run python workflows/make_ui_workflows.py): " + ", ".join(stale))
-        return 1
-    return 0
+    return 1 if problems or (args.check and stale) else 0
 
 
 if __name__ == "__main__":
