@@ -48,6 +48,7 @@ _LATENT_DOWNSCALE = {"shapes": 1}  # the shapes model is pixel space; the other 
 # inversion levels: "normal" starts at t = 999, where the cosine schedule has ᾱ ≈ 2e-9 and DDIM
 # divides by √ᾱ; ddim_uniform starts at t = 961 (the CLI's 'leading' spacing)
 _DDIM_SCHEDULER = {"shapes": "ddim_uniform"}
+MAX_INVERSION_SIGMA = 1000.0  # SD1.x/SDXL start at σ ≈ 14.6; the shapes model's t = 999 is σ ≈ 20291
 
 
 def model_family(patcher) -> str:
@@ -360,7 +361,12 @@ class ComfyDenoiser:
     def ddim_levels(self, steps: int) -> torch.Tensor:
         if steps < 1:
             raise SliderError(f"steps must be ≥ 1, got {steps}")
-        return comfy.samplers.calculate_sigmas(self.model.model_sampling, self.ddim_scheduler, steps).float().cpu()
+        levels = comfy.samplers.calculate_sigmas(self.model.model_sampling, self.ddim_scheduler, steps).float().cpu()
+        if float(levels[0]) > MAX_INVERSION_SIGMA:  # ᾱ < 1e-6: DDIM's step divides by √ᾱ there
+            raise SliderError(f"the '{self.ddim_scheduler}' schedule starts at σ = {float(levels[0]):.0f} on this "
+                              f"model, where deterministic inversion breaks down; use "
+                              f"'{_DDIM_SCHEDULER.get(self.family, 'ddim_uniform')}'")
+        return levels
 
     def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
                   next_level: torch.Tensor) -> torch.Tensor:

@@ -642,3 +642,14 @@ def test_shipped_sliders_are_listed_and_never_leave_their_folder(loras):
 def test_shapes_loader_refuses_a_model_that_is_not_shipped():
     with pytest.raises(SliderError, match="no shipped model"):
         NODE_CLASS_MAPPINGS["ConceptSlidersLoadShapesModel"]().load("../shapes-v1", True)
+
+
+def test_inversion_on_shapes_refuses_a_schedule_that_starts_at_pure_noise(shapes):
+    model, clip, vae = shapes
+    photo = torch.zeros(1, 32, 32, 3)
+    with pytest.raises(SliderError, match="use 'ddim_uniform'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersNullTextInvert"]().invert(
+            model, vae, photo, "a red circle", 5, 3.0, "ddim", 0, "normal", clip=clip)
+    out = NODE_CLASS_MAPPINGS["ConceptSlidersNullTextInvert"]().invert(
+        model, vae, photo, "a red circle", 5, 3.0, "ddim", 0, "ddim_uniform", clip=clip)
+    assert out["result"][0].levels[0] < 1000
