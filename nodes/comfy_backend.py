@@ -219,7 +219,7 @@ class ComfyDenoiser:
         diffusion_model = self.model.diffusion_model
         shapes = {path: tuple(diffusion_model.get_submodule(ldm).weight.shape) for path, ldm in names.items()}
         self.naming = UnetNaming(names, ldm_names=names, weight_shapes=shapes)
-        self.default_resolution = _NATIVE_RESOLUTION.get(self.family, 512)
+        self.default_resolution = native_resolution(self.patcher)
         self.downscale = latent_downscale(self.patcher)
         self.forward_count = 0
         self.ddim_scheduler = _DDIM_SCHEDULER.get(self.family, "normal")  # the host's sigmas for ddim_levels
