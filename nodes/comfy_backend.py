@@ -368,6 +368,14 @@ class ComfyDenoiser:
                               f"'{_DDIM_SCHEDULER.get(self.family, 'ddim_uniform')}'")
         return levels
 
+    def state_at(self, x: torch.Tensor, level: torch.Tensor, new_level: torch.Tensor) -> torch.Tensor:
+        """States here are x0 + σ·noise, and the model divides its input by √(σ² + 1) (calculate_input):
+        the same image content at another σ is x rescaled by the ratio of those factors."""
+        sampling = self.model.model_sampling
+        ones = torch.ones(x.shape[0], *[1] * (x.dim() - 1))
+        factor = sampling.calculate_input(level.float().cpu(), ones) / sampling.calculate_input(new_level.float().cpu(), ones)
+        return x * factor.to(x.device, x.dtype)
+
     def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
                   next_level: torch.Tensor) -> torch.Tensor:
         shape = (-1, *[1] * (x.dim() - 1))
@@ -424,6 +432,9 @@ class InversionGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, patcher, inversion: Inversion, width: int, height: int):
         super().__init__(patcher)
+        # the inversion was optimised for plain CFG: a post-CFG change (the shapes model's x0 clamp) would
+        # move the reconstruction away from the photo (41.5 → 31.7 dB on a shapes photo)
+        self.model_options = {**self.model_options, "sampler_post_cfg_function": []}
         distinct = list({id(u): u for u in inversion.unconds}.values())  # a shared unconditional once
         self.uncond_of_step = [next(j for j, u in enumerate(distinct) if u is s) for s in inversion.unconds]
         conds = {"positive": conditioning_from_cond(inversion.cond, width, height)}

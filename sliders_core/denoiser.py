@@ -151,6 +151,11 @@ class Denoiser(Protocol):
         """DDIM (η = 0): move x from `level` to `next_level` along the model output predicted there.
         Towards a noisier level it is the DDIM inversion step. Differentiable."""
 
+    def state_at(self, x: torch.Tensor, level: torch.Tensor, new_level: torch.Tensor) -> torch.Tensor:
+        """x, a state at `level`, as the model input for `new_level` with the same image content (DDIM
+        inversion evaluates the model at the next level on the current state). The identity where
+        states are variance preserving; a rescale where they grow with the noise (k-diffusion σ)."""
+
     def model_signature(self) -> list[float]:
         """A few numbers that tell one checkpoint from another (norms of the first and last convolutions),
         so a file made on one model is refused on another of the same family."""

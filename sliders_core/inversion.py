@@ -110,9 +110,9 @@ def ddim_invert(denoiser: Denoiser, x_clean: torch.Tensor, cond: Cond, levels: t
     c = cond.for_batch(batch)
     states = [x_clean.float()]
     for i in reversed(range(len(levels) - 1)):
-        x = states[-1]
-        out = denoiser.predict(x, _levels(levels[i], batch), c)
-        states.append(denoiser.ddim_step(x, out, _levels(levels[i + 1], batch), _levels(levels[i], batch)))
+        x, level, here = states[-1], _levels(levels[i], batch), _levels(levels[i + 1], batch)
+        out = denoiser.predict(denoiser.state_at(x, here, level), level, c)
+        states.append(denoiser.ddim_step(x, out, here, level))
     return states[::-1]
 
 

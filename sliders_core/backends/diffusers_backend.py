@@ -230,6 +230,9 @@ class DiffusersDenoiser:
         clean = torch.ones_like(alphas) if to_one else self._alpha_bar(torch.zeros(1, dtype=torch.long))
         return torch.where(level < 0, clean, alphas)
 
+    def state_at(self, x: torch.Tensor, level: torch.Tensor, new_level: torch.Tensor) -> torch.Tensor:
+        return x  # the UNet input x_t is variance preserving at every level
+
     def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
                   next_level: torch.Tensor) -> torch.Tensor:
         a, a_next = self._ddim_alpha_bar(level), self._ddim_alpha_bar(next_level)
