@@ -709,6 +709,16 @@ def test_shapes_workflow_runs_as_shipped_and_moves_its_concept(server, name, tmp
         assert (delayed["colour"] == "red").all() and (plain["colour"] == "red").all()  # both make the edit
         # the delayed switch-on keeps the base model's sizes better than the slider from step 0
         assert abs(delayed["area"] - base["area"]).mean() < abs(plain["area"] - base["area"]).mean()
+    elif "edit" in name:
+        picture = shapes_measures(by_title["The picture"])
+        edits = shapes_measures(by_title["Both edits"])  # α = −1, then +1
+        report = json.dumps(entry["outputs"][next(i for i, n in prompt.items() if n["class_type"] == "PreviewAny")])
+        psnr = float(report.split("PSNR ")[1].split(" dB")[0])
+        print(f"{name}: reconstruction {psnr:.1f} dB; area {picture['area'][0]:.3f} → {edits['area'].tolist()}, "
+              f"colours {picture['colour'].tolist()} → {edits['colour'].tolist()}")
+        assert psnr > 30, report
+        assert edits["area"][0] < picture["area"][0] < edits["area"][1], (picture["area"], edits["area"])
+        assert (edits["colour"] == picture["colour"][0]).all()  # only the size moves
     else:
         pytest.fail(f"no measured check for the shapes workflow {name!r}")
     print(f"{name}: {took:.1f} s wall in the server")
