@@ -51,6 +51,10 @@ class ShapesEncoder(torch.nn.Module):
         x = images.permute(0, 3, 1, 2).float() * 2 - 1
         return F.normalize(self.image_tower(x), dim=-1)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The SliderSpace ImageEmbedder interface: the image embeddings."""
+        return self.encode_images(images)
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Captions → unit embeddings [B, dim]; unknown words are refused (the vocabulary has 12)."""
         ids, offsets = [], []
