@@ -394,11 +394,15 @@ class ComfyDenoiser:
             raise SliderError("a VAE is needed to encode images")
         return self.model.process_latent_in(self.vae.encode(images[..., :3]).float()).to(self.device)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        if differentiable:
+            if self.downscale != 1:  # the host's VAE runs under its own memory management, without autograd
+                raise SliderError("gradients through a ComfyUI VAE are not supported; pixel-space models only")
+            return ((latents.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # the pixel-space VAE's decode
         if self.vae is None:
             raise SliderError("a VAE is needed to decode images")
-        return self.vae.decode(self.model.process_latent_out(latents)).float().cpu()
+        with torch.no_grad():
+            return self.vae.decode(self.model.process_latent_out(latents)).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------

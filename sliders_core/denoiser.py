@@ -138,8 +138,9 @@ class Denoiser(Protocol):
         """Images [B, H, W, 3] in 0..1 → clean latents x0 in the space `add_noise` and `decode` use
         (the VAE; the identity up to range for pixel-space models)."""
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images [B, H, W, 3] in 0..1 (float32, CPU)."""
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """Latents → images [B, H, W, 3] in 0..1 (float32, CPU). differentiable: keep the graph (and
+        the device), for losses on images (SliderSpace)."""
 
     # -- deterministic sampling and its inversion (real-image editing) ------------------------------
     def ddim_levels(self, steps: int) -> torch.Tensor:

@@ -5,20 +5,27 @@ unit vectors; the principal directions of those embeddings are what the model va
 concept, and each becomes a slider trained so that switching it on moves the embedding along its
 direction.
 
-This module holds the discovery half so far: the concept images and their principal directions.
-The per-direction slider training is not built yet (see the issue notes).
+Training slider j (one after another): a stored image is noised to a random level; the model
+predicts the clean image with the slider off and on; both are decoded and embedded, and the loss
+1 − cos(f_on − f_off, PC_j) turns the change the slider makes towards its direction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
-from .denoiser import Denoiser
+from .config import check_lora_options, need
+from .denoiser import Cond, Denoiser
 from .errors import SliderError
+from .training import SliderRun, StepCallback, TrainResult, run_metadata
 
 
 @runtime_checkable
@@ -88,4 +95,76 @@ def principal_directions(embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor
     return (directions * signs).float(), (variance[:k] / variance.sum()).float()
 
 
-__all__ = ["ImageEmbedder", "ConceptImages", "generate_concept_images", "principal_directions"]
+@dataclass
+class SliderSpaceConfig:
+    """Per-direction slider options. The reference trains rank-1 sliders on cross-attention keys and values."""
+
+    rank: int = 1
+    alpha: float = 1.0
+    lr: float = 2e-3
+    iterations: int = 200  # per slider
+    layers: str = "xattn_kv"
+    seed: int = 0
+    batch_size: int = 4
+    save_every: int = 0
+    max_grad_norm: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        check_lora_options(self)
+        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}
+
+
+def embedding_change(denoiser: Denoiser, embedder: ImageEmbedder, name: str, latents: torch.Tensor, cond: Cond,
+                     gen: torch.Generator, alpha: float = 1.0) -> torch.Tensor:
+    """f(x̂0 with slider `name` at α) − f(x̂0 without), for the latents noised to random levels [B, D]."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    level = denoiser.random_levels(len(latents), gen)
+    x_t = denoiser.add_noise(latents, noise, level)
+    clean = denoiser.ddim_levels(1)[-1:].expand(len(latents))  # the clean end of a DDIM step
+    c = cond.repeat_each(len(latents))
+    with torch.no_grad():
+        denoiser.sliders.set_scales({})
+        base = embedder.embed(denoiser.decode(denoiser.ddim_step(x_t, denoiser.predict(x_t, level, c), level, clean),
+                                              differentiable=True))
+    denoiser.sliders.set_scales({name: alpha})
+    moved = denoiser.ddim_step(x_t, denoiser.predict(x_t, level, c), level, clean)
+    return embedder.embed(denoiser.decode(moved, differentiable=True)) - base
+
+
+def train_sliderspace(denoiser: Denoiser, embedder: ImageEmbedder, images: ConceptImages, directions: torch.Tensor,
+                      explained: torch.Tensor, concept: str, config: SliderSpaceConfig, *, name: str = "direction",
+                      checkpoint_dir: str | Path | None = None, callback: StepCallback | None = None,
+                      progress: bool = True) -> list[TrainResult]:
+    """One slider per direction, trained one after another and left attached as `<name>_<j>`."""
+    config.validate()
+    if len(directions) != len(explained):
+        raise SliderError(f"{len(directions)} directions but {len(explained)} explained variances")
+    cond = denoiser.encode([concept])
+    latents = images.latents.to(next(iter(cond.tensors.values())).device)
+    results = []
+    for j, direction in enumerate(directions):
+        slider = f"{name}_{j}"
+        path = Path(checkpoint_dir) / f"{slider}.safetensors" if checkpoint_dir else None
+        run = SliderRun(denoiser, slider, config, checkpoint_path=path, callback=callback, progress=progress,
+                        label=f"SliderSpace direction {j}")
+        run.metadata = lambda steps, j=j: {
+            **run_metadata(denoiser.family, "sliderspace", config, steps, int(images.images.shape[1]),
+                           config.batch_size),
+            "sliders.concept": concept, "sliders.direction": str(j),
+            "sliders.explained_variance": f"{float(explained[j]):.6g}", "sliders.images": str(len(latents))}
+        gen = torch.Generator().manual_seed(config.seed * 1000 + j)
+        target = direction.to(latents.device).float()
+        for step in run.steps():
+            pick = torch.randint(len(latents), (config.batch_size,), generator=gen)
+            change = embedding_change(denoiser, embedder, slider, latents[pick], cond, gen)
+            run.step(step, 1 - F.cosine_similarity(change, target[None], dim=1).mean())
+        results.append(run.finish())
+    return results
+
+
+__all__ = ["ImageEmbedder", "ConceptImages", "SliderSpaceConfig", "generate_concept_images", "principal_directions",
+           "embedding_change", "train_sliderspace"]

@@ -68,3 +68,36 @@ def explained_by(projection: torch.Tensor, labels: list[str]) -> float:
     labels = np.array(labels)
     within = sum(((values[labels == g] - values[labels == g].mean()) ** 2).sum() for g in set(labels))
     return 1 - within / ((values - values.mean()) ** 2).sum()
+
+
+def test_discovered_sliders_move_the_embedding_along_their_directions(tmp_path):
+    """Two sliders trained on the first two directions of "a shape": on fresh noised images, α = +1 moves
+    the embedding towards its direction and α = −1 away from it; the files are normal slider files."""
+    from sliders_core.cli import load_model
+    from sliders_core.formats import load_slider
+    from sliders_core.shapes.encoder import load_shapes_encoder
+    from sliders_core.sliderspace import SliderSpaceConfig, embedding_change, train_sliderspace
+    from sliders_core.training import slider_modules
+
+    model, encoder = load_model("shapes"), load_shapes_encoder()
+    found = generate_concept_images(model, "a shape", 24, seed=10, batch=12)
+    directions, explained = principal_directions(encoder.embed(found.images.float()), 2)
+    results = train_sliderspace(model, encoder, found, directions, explained, "a shape",
+                                SliderSpaceConfig(iterations=100, lr=5e-3), checkpoint_dir=tmp_path, progress=False)
+    cond = model.encode(["a shape"])
+    for j, result in enumerate(results):
+        assert np.mean(result.losses[-20:]) < np.mean(result.losses[:20]), j
+        gen = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            plus = embedding_change(model, encoder, f"direction_{j}", found.latents[:12], cond, gen, 1.0)
+            gen = torch.Generator().manual_seed(99)
+            minus = embedding_change(model, encoder, f"direction_{j}", found.latents[:12], cond, gen, -1.0)
+        along_plus = float(torch.nn.functional.cosine_similarity(plus, directions[j][None]).mean())
+        along_minus = float(torch.nn.functional.cosine_similarity(minus, directions[j][None]).mean())
+        print(f"direction {j}: cos at α +1 {along_plus:.2f}, at α −1 {along_minus:.2f}")
+        assert along_plus > 0.2 and along_minus < -0.1, (j, along_plus, along_minus)  # random: 1/√128 ≈ 0.09
+        weights = load_slider(tmp_path / f"direction_{j}.safetensors", model.naming, family="shapes")
+        assert weights.metadata["sliders.kind"] == "sliderspace" and weights.metadata["sliders.direction"] == str(j)
+        kv = slider_modules(model, "xattn_kv")  # cross-attention keys and values, as the reference
+        assert sorted(weights.modules) == kv and all(m.up.shape[1] == 1 for m in weights.modules.values())  # rank 1
+    model.sliders.set_scales({})

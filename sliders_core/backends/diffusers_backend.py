@@ -264,15 +264,16 @@ class DiffusersDenoiser:
         latents = torch.cat([self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.mean for chunk in x.split(4)])
         return latents.float() * self.vae.config.scaling_factor
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is not None:
-            scale = self.vae.config.scaling_factor
-            latents = latents.to(self.vae.dtype) / scale
-            images = self.vae.decode(latents).sample
-        else:
-            images = latents
-        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            if self.vae is not None:
+                scale = self.vae.config.scaling_factor
+                latents = latents.to(self.vae.dtype) / scale
+                images = self.vae.decode(latents).sample
+            else:
+                images = latents
+            images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return images if differentiable else images.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
