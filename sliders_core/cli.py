@@ -15,6 +15,7 @@ from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
 from .inversion import METHODS as INVERSION_METHODS
 from .inversion import InversionConfig
+from .sliderspace import SliderSpaceConfig
 
 EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl")
 DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
@@ -108,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(tp, pair_defaults)
     tp.add_argument("--resolution", type=int, help="training size; default: the model's native size")
     tp.add_argument("--batch-size", type=int, default=pair_defaults.batch_size, help="pairs per step")
+
+    ds = sub.add_parser("discover", help="SliderSpace: find a model's sliders for one concept prompt, no labels")
+    _model_args(ds)
+    ds.add_argument("--concept", required=True, help="the concept prompt to explore, e.g. 'a shape'")
+    ds.add_argument("--variation", action="append", default=[], help="a prompt variation (repeatable); "
+                    "default: the concept itself")
+    ds.add_argument("--images", type=int, default=48, help="images of the concept to embed")
+    ds.add_argument("--k", type=int, default=4, help="directions (sliders) to find")
+    ds.add_argument("--embedder", default="shapes", choices=["shapes"],
+                    help="image embedder: the shapes world's encoder (a CLIP vision embedder is not built yet)")
+    ds.add_argument("--out-dir", default="out/sliderspace")
+    space_defaults = SliderSpaceConfig()
+    _training_args(ds, space_defaults)
+    ds.add_argument("--batch-size", type=int, default=space_defaults.batch_size)
 
     mp = sub.add_parser("make-pairs", help="write exact shapes-world image pairs (only the concept differs)")
     mp.add_argument("--concept", required=True, choices=["size", "position"])
@@ -237,6 +252,43 @@ def _sweep_trained(denoiser, prompt: str, out: Path, resolution: int | None) -> 
     return str(grid)
 
 
+def cmd_discover(args, model=None) -> dict:
+    import re
+
+    import torch
+
+    from .inference import generate
+    from .shapes.encoder import load_shapes_encoder
+    from .sliderspace import generate_concept_images, principal_directions, train_sliderspace
+
+    config = SliderSpaceConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations,
+                               layers=args.layers, seed=args.seed, batch_size=args.batch_size,
+                               save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing)
+    config.validate()
+    name = re.sub(r"\W+", "_", args.concept.strip().lower()).strip("_") or "concept"
+    safe_output_path(args.out_dir, name)  # refuses a folder that escapes
+    denoiser = model or load_model(args.model, args.config, args.device)
+    if denoiser.family != "shapes":
+        raise SliderError("discover has only the shapes world's image embedder so far: use --model shapes")
+    sampling = _sampling(denoiser)
+    images = generate_concept_images(denoiser, args.concept, args.images, variations=args.variation,
+                                     seed=args.seed, **sampling)
+    embedder = load_shapes_encoder()
+    directions, explained = principal_directions(embedder.embed(images.images.float()), args.k)
+    results = train_sliderspace(denoiser, embedder, images, directions, explained, args.concept, config,
+                                name=name, checkpoint_dir=args.out_dir)
+    alphas = [-2, -1, 0, 1, 2]  # the preview: one row per slider, one column per α, the same seed
+    with torch.no_grad():
+        columns = [torch.cat([generate(denoiser, args.concept, scales={f"{name}_{j}": a}, seeds=[args.seed], **sampling)
+                              for j in range(args.k)]) for a in alphas]
+    grid = _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), Path(args.out_dir) / f"{name}_sliders.png")
+    return {"concept": args.concept, "images": len(images.latents), "k": args.k,
+            "explained_variance": [round(float(v), 4) for v in explained],
+            "sliders": [str(Path(args.out_dir) / f"{name}_{j}.safetensors") for j in range(args.k)],
+            "final_loss": [round(sum(r.losses[-20:]) / len(r.losses[-20:]), 4) for r in results],
+            "train_seconds": round(sum(r.seconds for r in results), 1), "preview": str(grid)}
+
+
 def cmd_make_pairs(args) -> dict:
     from PIL import Image
 
@@ -351,7 +403,7 @@ def cmd_info(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs,
+    command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs, "discover": cmd_discover,
                "generate": cmd_generate, "sweep": cmd_sweep, "invert": cmd_invert, "edit": cmd_edit,
                "info": cmd_info}
     started = time.perf_counter()

@@ -97,3 +97,18 @@ def test_invert_then_edit(tmp_path, prompt_file, sd1_folder, capsys):
     assert code == 2 and "made on a" in err
     code, _, err = run(capsys, "invert", "--model", sd1_folder, "--image", tmp_path / "none.png", "--out", inv)
     assert code == 2 and "image not found" in err
+
+
+def test_discover_writes_one_slider_per_direction_and_a_preview(tmp_path, capsys):
+    out = tmp_path / "space"
+    code, summary, err = run(capsys, "discover", "--concept", "a shape", "--images", "12", "--k", "2",
+                             "--iterations", "5", "--out-dir", out)
+    assert code == 0, err
+    assert summary["explained_variance"][0] >= summary["explained_variance"][1] > 0
+    for path in summary["sliders"]:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+        assert metadata["sliders.kind"] == "sliderspace" and metadata["sliders.concept"] == "a shape"
+    assert Image.open(summary["preview"]).size == (5 * 128, 16 + 2 * 128)  # a row per slider, a column per α
+    code, _, err = run(capsys, "discover", "--concept", "a shape", "--images", "4", "--k", "4", "--out-dir", out)
+    assert code == 2 and "K = 4 directions need more than K images" in err
