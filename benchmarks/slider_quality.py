@@ -120,7 +120,7 @@ def main() -> None:
                              trajectory_reuse=args.trajectory_reuse)
         result = train_text_slider(denoiser, [pair], config, name=name.replace("-", "_"), progress=True)
         train_seconds[name] = result.seconds
-        print(f"trained {name}: {result.seconds:.0f} s, loss {result.losses[0]:.4g} → {np.mean(result.losses[-20:]):.4g}")
+        print(f"trained {name}: {result.seconds:.0f} s, loss {result.losses[0]:.4g} → {result.final_loss:.4g}")
     # the old 'noxattn' layer set (now 'noxattn-ff'): same size slider, other layers
     config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0, layers="noxattn-ff",
                          trajectory_reuse=args.trajectory_reuse)

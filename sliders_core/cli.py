@@ -285,7 +285,7 @@ def cmd_discover(args, model=None) -> dict:
     return {"concept": args.concept, "images": len(images.latents), "k": args.k,
             "explained_variance": [round(float(v), 4) for v in explained],
             "sliders": [str(Path(args.out_dir) / f"{name}_{j}.safetensors") for j in range(args.k)],
-            "final_loss": [round(sum(r.losses[-20:]) / len(r.losses[-20:]), 4) for r in results],
+            "final_loss": [round(r.final_loss, 4) for r in results],
             "train_seconds": round(sum(r.seconds for r in results), 1), "preview": str(grid)}
 
 
@@ -403,8 +403,8 @@ def cmd_info(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs, "discover": cmd_discover,
-               "generate": cmd_generate, "sweep": cmd_sweep, "invert": cmd_invert, "edit": cmd_edit,
+    command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs,
+               "discover": cmd_discover, "generate": cmd_generate, "sweep": cmd_sweep, "invert": cmd_invert, "edit": cmd_edit,
                "info": cmd_info}
     started = time.perf_counter()
     try:

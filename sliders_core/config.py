@@ -130,8 +130,23 @@ def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
 MAX_ETA = 50.0  # the reference uses 1–4; beyond this the target is dominated by the η term
 
 
+class RunOptions:
+    """What every trainer's options dataclass shares: its record in the slider file's metadata."""
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}
+
+
+class BatchedRunOptions(RunOptions):
+    """Options of a trainer that draws `batch_size` examples per step (image pairs, SliderSpace images)."""
+
+    def validate(self) -> None:
+        check_lora_options(self)
+        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunOptions):
     """Text-slider training options. Defaults are the reference's (MISSION §1) unless noted."""
 
     rank: int = 4
@@ -162,9 +177,6 @@ class TrainConfig:
         need(self.trajectory_steps >= 2, "trajectory_steps must be ≥ 2")
         need(self.trajectory_reuse >= 1, "trajectory_reuse must be ≥ 1")
         need(self.trajectory_guidance >= 1, "trajectory_guidance must be ≥ 1 (1 = no CFG)")
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}
 
 
 def need(ok: bool, msg: str) -> None:
@@ -203,7 +215,7 @@ def parse_numbers(text: str, what: str = "value") -> list[float]:
 
 
 @dataclass
-class PairTrainConfig:
+class PairTrainConfig(BatchedRunOptions):
     """Image-pair slider options. Defaults are the official image sliders' (rank 4, alpha 1, AdamW 2e-4,
     1000 iterations, official noxattn, one pair per step) unless noted."""
 
@@ -217,10 +229,3 @@ class PairTrainConfig:
     save_every: int = 0
     max_grad_norm: float = 0.0
     gradient_checkpointing: bool = False
-
-    def validate(self) -> None:
-        check_lora_options(self)
-        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}

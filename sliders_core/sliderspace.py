@@ -12,8 +12,6 @@ predicts the clean image with the slider off and on; both are decoded and embedd
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from .config import check_lora_options, need
+from .config import BatchedRunOptions
 from .denoiser import Cond, Denoiser
 from .errors import SliderError
 from .training import SliderRun, StepCallback, TrainResult, run_metadata
@@ -96,7 +94,7 @@ def principal_directions(embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor
 
 
 @dataclass
-class SliderSpaceConfig:
+class SliderSpaceConfig(BatchedRunOptions):
     """Per-direction slider options. The reference trains rank-1 sliders on cross-attention keys and values."""
 
     rank: int = 1
@@ -109,13 +107,6 @@ class SliderSpaceConfig:
     save_every: int = 0
     max_grad_norm: float = 0.0
     gradient_checkpointing: bool = False
-
-    def validate(self) -> None:
-        check_lora_options(self)
-        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}
 
 
 def embedding_change(denoiser: Denoiser, embedder: ImageEmbedder, name: str, latents: torch.Tensor, cond: Cond,

@@ -43,10 +43,16 @@ class TrainResult:
     effect: float | None = None
     warning: str | None = None
 
+    @property
+    def final_loss(self) -> float:
+        """The mean loss of the last 20 steps (one step's loss is noisy)."""
+        last = self.losses[-20:]
+        return sum(last) / len(last) if last else float("nan")
+
     def report(self) -> str:
         """One line for a user: steps, time, loss, and whether the slider does anything."""
         text = (f"{len(self.losses)} steps in {self.seconds:.1f} s, loss {self.losses[0]:.4g} → "
-                f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4g}" if self.losses else "no steps run")
+                f"{self.final_loss:.4g}" if self.losses else "no steps run")
         if self.effect is not None:
             text += f"; at α = 1 the slider delivers {self.effect:.0%} of its training target's push"
         return text + (f". WARNING: {self.warning}" if self.warning else "")
