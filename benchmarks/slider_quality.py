@@ -40,6 +40,7 @@ from sliders_core.pair_slider import train_pair_slider  # noqa: E402
 from sliders_core.plots import line_plot  # noqa: E402
 from sliders_core.prompts import PromptPair  # noqa: E402
 from sliders_core.shapes.data import COLORS, SIZES, render_concept_pairs  # noqa: E402
+from sliders_core.shapes.encoder import load_shapes_encoder  # noqa: E402
 from sliders_core.shapes.metrics import measure_batch  # noqa: E402
 from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
 from sliders_core.text_slider import train_text_slider  # noqa: E402
@@ -56,10 +57,19 @@ SLIDERS = {
 }
 
 
+# ΔCLIP (the paper's Table 1 efficacy metric) with the shapes world's own image–text encoder: the change
+# of 100 · cos(image, caption) for the caption of the slider's positive side
+TARGET_CAPTION = {"size": "a large circle", "size-abl": "a large circle", "size-ref": "a large circle",
+                  "size-ff": "a large circle", "pair-size": "a large circle", "colour": "a red circle"}
+SCORED_CAPTIONS = sorted({*TARGET_CAPTION.values(), "a small circle", "a blue circle"})  # + the prompted ones
+ENCODER = load_shapes_encoder()
+
+
 def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
     array = images.numpy()
     ms = measure_batch(array)
     return {
+        "clip": {c: float(ENCODER.score(images.float(), [c] * len(images)).mean()) for c in SCORED_CAPTIONS},
         "area": np.array([m.area_fraction for m in ms]),
         "color": np.array([m.color for m in ms]),
         "size": np.array([m.size for m in ms]),
@@ -90,6 +100,7 @@ def compare(m: dict, base: dict) -> dict[str, float]:
         "centroid_shift_px": float(np.nanmean(np.linalg.norm(m["centroid"] - base["centroid"], axis=1))),
         "dx_px": float(np.nanmean(m["centroid"][:, 0] - base["centroid"][:, 0])),  # signed horizontal move
         "pixel_l1": float(np.mean(np.abs(m["pixels"] - base["pixels"]))),
+        "clip": m["clip"],
     }
 
 
@@ -174,19 +185,26 @@ def write_report(args, results, prompted, combos, held, delayed, base, train_sec
     lines += [f"Base (α = 0): mean area fraction {np.nanmean(base['area']):.3f}, redness "
               f"{np.nanmean(base['redness']):.3f} (mean R − B of the shape).", ""]
     header = ("| slider | α | area | Δarea | redness | colour same | shape same | centroid shift px | "
-              "Δx px | pixel L1 |")
-    lines += ["## Efficacy and preservation", "", header, "|" + "---|" * 10]
+              "Δx px | pixel L1 | ΔCLIP |")
+    lines += ["## Efficacy and preservation", "",
+              "ΔCLIP: change of the shapes encoder's CLIP score (100 · cos) with the caption of the slider's positive "
+              "side ('a large circle' for size, 'a red circle' for colour; none for position) against α = 0.", "",
+              header, "|" + "---|" * 11]
     for name, rows in results.items():
         zero = rows[0.0]
+        caption = TARGET_CAPTION.get(name)
         for a, r in rows.items():
+            clip = f"{r['clip'][caption] - zero['clip'][caption]:+.1f}" if caption else "–"
             lines.append(f"| {name} | {a:+g} | {r['area']:.3f} | {r['area'] - zero['area']:+.3f} | {r['redness']:.3f} | "
                          f"{r['colour_same']:.0%} | {r['shape_same']:.0%} | {r['centroid_shift_px']:.2f} | "
-                         f"{r['dx_px']:+.2f} | {r['pixel_l1']:.3f} |")
+                         f"{r['dx_px']:+.2f} | {r['pixel_l1']:.3f} | {clip} |")
     lines += ["", "Prompting the attribute directly (same seeds, compared with \"a circle\"):", "",
-              "| prompt | area | redness | colour same | shape same |", "|---|---|---|---|---|"]
+              "| prompt | area | redness | colour same | shape same | ΔCLIP (own caption) |", "|---|---|---|---|---|---|"]
     for word, r in prompted.items():
+        caption = f"a {word} circle"
+        clip = f"{r['clip'][caption] - base['clip'][caption]:+.1f}" if caption in r["clip"] else "–"
         lines.append(f"| a {word} circle | {r['area']:.3f} | {r['redness']:.3f} | {r['colour_same']:.0%} | "
-                     f"{r['shape_same']:.0%} |")
+                     f"{r['shape_same']:.0%} | {clip} |")
     lines += ["", "## Composition", "", "| sliders | area | redness | colour same | shape same | pixel L1 |",
               "|---|---|---|---|---|---|"]
     for label, r in combos.items():

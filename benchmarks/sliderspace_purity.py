@@ -30,6 +30,7 @@ from sliders_core.shapes.encoder import load_shapes_encoder  # noqa: E402
 from sliders_core.shapes.metrics import measure_batch  # noqa: E402
 from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
 from sliders_core.sliderspace import (  # noqa: E402
+    ROTATIONS,
     SliderSpaceConfig,
     generate_concept_images,
     principal_directions,
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="+", default=["a shape", "a circle"])
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--rotation", default="independent", choices=ROTATIONS)
     parser.add_argument("--iterations", type=int, default=SliderSpaceConfig.iterations)
     parser.add_argument("--lr", type=float, default=SliderSpaceConfig.lr)
     parser.add_argument("--seeds", type=int, default=32, help="fresh evaluation seeds per slider and α")
@@ -72,7 +74,7 @@ def main() -> None:
         started = time.perf_counter()
         forwards = model.forward_count
         images = generate_concept_images(model, concept, args.images, seed=0, **sampling)
-        directions, explained = principal_directions(encoder.embed(images.images.float()), args.k)
+        directions, explained = principal_directions(encoder.embed(images.images.float()), args.k, args.rotation)
         name = concept.replace(" ", "_")
         train_sliderspace(model, encoder, images, directions, explained, concept,
                           SliderSpaceConfig(iterations=args.iterations, lr=args.lr), name=name, progress=False)

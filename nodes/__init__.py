@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin adapters over sliders_core. ComfyUI itself is imported only inside node methods."""
 
 from .apply_nodes import ApplySlider, LoadSlider, SliderStack
+from .discover_nodes import DiscoverSliders, SelectSlider
 from .image_nodes import LoadImagePairs
 from .inversion_nodes import InversionSampler, LoadInversion, NullTextInvert, SaveInversion
 from .model_nodes import LoadShapesModel
@@ -12,6 +13,8 @@ _NODES = {
     "ConceptSlidersTrainText": (TrainTextSlider, "Train Text Slider"),
     "ConceptSlidersTrainPairs": (TrainPairSlider, "Train Pair Slider"),
     "ConceptSlidersLoadImagePairs": (LoadImagePairs, "Load Image Pairs"),
+    "ConceptSlidersDiscover": (DiscoverSliders, "Discover Sliders (SliderSpace)"),
+    "ConceptSlidersSelect": (SelectSlider, "Select Slider"),
     "ConceptSlidersLoad": (LoadSlider, "Load Slider"),
     "ConceptSlidersApply": (ApplySlider, "Apply Slider with Alpha"),
     "ConceptSlidersStack": (SliderStack, "Slider Stack"),

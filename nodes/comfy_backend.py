@@ -395,12 +395,14 @@ class ComfyDenoiser:
         return self.model.process_latent_in(self.vae.encode(images[..., :3]).float()).to(self.device)
 
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-        if differentiable:
-            if self.downscale != 1:  # the host's VAE runs under its own memory management, without autograd
-                raise SliderError("gradients through a ComfyUI VAE are not supported; pixel-space models only")
+        if differentiable and self.downscale == 1:
             return ((latents.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # the pixel-space VAE's decode
         if self.vae is None:
             raise SliderError("a VAE is needed to decode images")
+        if differentiable:  # the VAE's own model, loaded by the host: VAE.decode batches into a buffer for inference
+            comfy.model_management.load_models_gpu([self.vae.patcher])
+            z = self.model.process_latent_out(latents).to(self.vae.device, self.vae.vae_dtype)
+            return self.vae.process_output(self.vae.first_stage_model.decode(z).float()).movedim(1, -1)
         with torch.no_grad():
             return self.vae.decode(self.model.process_latent_out(latents)).float().cpu()
 
@@ -745,6 +747,48 @@ def preview_image(patcher, latents: torch.Tensor, min_height: int = 128):
         factor = -(-min_height // image.height)
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     return ("JPEG", image, latent_preview.MAX_PREVIEW_RESOLUTION)
+
+
+class ClipVisionEmbedder:
+    """SliderSpace ImageEmbedder over the graph's CLIP_VISION. The host's `encode_image` rounds pixels to
+    8 bits, which stops gradients, so the same preprocessing runs here without the rounding; a clone of its
+    patcher gets identity weight wrappers, as the UNet does, so autograd never saves an inference tensor."""
+
+    def __init__(self, clip_vision):
+        from comfy.clip_model import CLIPVisionModelProjection
+
+        if not isinstance(clip_vision.model, CLIPVisionModelProjection):
+            raise SliderError(f"SliderSpace needs a CLIP or SigLIP vision model, got "
+                              f"{type(clip_vision.model).__name__}: load a CLIP vision checkpoint")
+        self.vision = clip_vision
+        self.patcher = clip_vision.patcher.clone()
+        for module_name, module in self.patcher.model.named_modules():
+            for kind in ("weight", "bias"):
+                if hasattr(module, "weight_function") and getattr(module, kind, None) is not None:
+                    self.patcher.add_weight_wrapper(f"{module_name}.{kind}", _copy_weight)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        from comfy.clip_model import CLIPLayer
+
+        from ..sliders_core.backends.clip_vision import clip_preprocess
+
+        vision = self.vision
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        pixels = clip_preprocess(images.to(vision.load_device), vision.image_size, vision.image_mean, vision.image_std)
+        # the host's layers add their residuals in place (x += attn(norm(x))) while the norm keeps x for its
+        # backward; giving each norm its own copy of x keeps the graph valid (hooks removed afterwards)
+        norms = [n for m in self.patcher.model.modules() if isinstance(m, CLIPLayer) for n in (m.layer_norm1, m.layer_norm2)]
+        handles = [n.register_forward_pre_hook(_copy_input) for n in norms] if torch.is_grad_enabled() else []
+        try:
+            embeds = self.patcher.model(pixel_values=pixels, intermediate_output=-2)[2]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.nn.functional.normalize(embeds.float(), dim=-1)
+
+
+def _copy_input(_module, args):
+    return (args[0].clone(), *args[1:])
 
 
 def native_resolution(patcher) -> int:

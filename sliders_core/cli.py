@@ -15,7 +15,7 @@ from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
 from .inversion import METHODS as INVERSION_METHODS
 from .inversion import InversionConfig
-from .sliderspace import SliderSpaceConfig
+from .sliderspace import ROTATIONS, SliderSpaceConfig
 
 EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl")
 DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
@@ -61,8 +61,9 @@ def _render_args(p: argparse.ArgumentParser) -> None:
                    help="delayed LoRA: fraction of the steps run on the base model before the sliders switch on")
 
 
-def _training_args(p: argparse.ArgumentParser, defaults) -> None:
-    """The options both trainers share (defaults from their config dataclass)."""
+def _training_args(p: argparse.ArgumentParser, defaults, one_slider: bool = True) -> None:
+    """The options the trainers share (defaults from their config dataclass); `one_slider`: --resume
+    takes a file and --sweep renders it."""
     p.add_argument("--rank", type=int, default=defaults.rank)
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (scale = alpha/rank)")
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -72,8 +73,9 @@ def _training_args(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
-    p.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
-    p.add_argument("--sweep", help="after training, render an α sweep for this prompt")
+    if one_slider:
+        p.add_argument("--resume", help="a slider file saved by an earlier run to continue from")
+        p.add_argument("--sweep", help="after training, render an α sweep for this prompt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,12 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the concept itself")
     ds.add_argument("--images", type=int, default=48, help="images of the concept to embed")
     ds.add_argument("--k", type=int, default=4, help="directions (sliders) to find")
-    ds.add_argument("--embedder", default="shapes", choices=["shapes"],
-                    help="image embedder: the shapes world's encoder (a CLIP vision embedder is not built yet)")
+    ds.add_argument("--embedder", default="shapes", help="image embedder: 'shapes' (the shapes world's encoder, "
+                    "shipped) or a local transformers CLIP folder (e.g. clip-vit-large-patch14, as the reference)")
+    ds.add_argument("--rotation", default="independent", choices=ROTATIONS,
+                    help="directions: 'independent' (the principal subspace rotated to independent axes: one "
+                    "attribute each) or 'pca' (the principal axes, as the paper)")
     ds.add_argument("--out-dir", default="out/sliderspace")
     space_defaults = SliderSpaceConfig()
-    _training_args(ds, space_defaults)
+    _training_args(ds, space_defaults, one_slider=False)
     ds.add_argument("--batch-size", type=int, default=space_defaults.batch_size)
+    ds.add_argument("--resume", action="store_true", help="continue the sliders already in --out-dir (same "
+                    "concept and settings); finished ones are kept")
 
     mp = sub.add_parser("make-pairs", help="write exact shapes-world image pairs (only the concept differs)")
     mp.add_argument("--concept", required=True, choices=["size", "position"])
@@ -258,35 +265,45 @@ def cmd_discover(args, model=None) -> dict:
     import torch
 
     from .inference import generate
-    from .shapes.encoder import load_shapes_encoder
-    from .sliderspace import generate_concept_images, principal_directions, train_sliderspace
+    from .sliderspace import discover_sliders
 
     config = SliderSpaceConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations,
                                layers=args.layers, seed=args.seed, batch_size=args.batch_size,
                                save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing)
     config.validate()
     name = re.sub(r"\W+", "_", args.concept.strip().lower()).strip("_") or "concept"
-    safe_output_path(args.out_dir, name)  # refuses a folder that escapes
+    paths = [safe_output_path(args.out_dir, f"{name}_{j}") for j in range(args.k)]  # refuses a folder that escapes
     denoiser = model or load_model(args.model, args.config, args.device)
-    if denoiser.family != "shapes":
-        raise SliderError("discover has only the shapes world's image embedder so far: use --model shapes")
+    embedder = load_embedder(args.embedder, denoiser)
+    prior = [load_slider(p, denoiser.naming, denoiser.family) if args.resume and p.is_file() else None for p in paths]
     sampling = _sampling(denoiser)
-    images = generate_concept_images(denoiser, args.concept, args.images, variations=args.variation,
-                                     seed=args.seed, **sampling)
-    embedder = load_shapes_encoder()
-    directions, explained = principal_directions(embedder.embed(images.images.float()), args.k)
-    results = train_sliderspace(denoiser, embedder, images, directions, explained, args.concept, config,
-                                name=name, checkpoint_dir=args.out_dir)
+    found = discover_sliders(denoiser, embedder, args.concept, config, count=args.images, k=args.k,
+                             variations=args.variation, rotation=args.rotation, name=name, resume=prior,
+                             checkpoint_dir=args.out_dir, **sampling)
     alphas = [-2, -1, 0, 1, 2]  # the preview: one row per slider, one column per α, the same seed
     with torch.no_grad():
-        columns = [torch.cat([generate(denoiser, args.concept, scales={f"{name}_{j}": a}, seeds=[args.seed], **sampling)
-                              for j in range(args.k)]) for a in alphas]
+        columns = [torch.cat([generate(denoiser, args.concept, scales={n: a}, seeds=[args.seed], **sampling)
+                              for n in found.names]) for a in alphas]
     grid = _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), Path(args.out_dir) / f"{name}_sliders.png")
-    return {"concept": args.concept, "images": len(images.latents), "k": args.k,
-            "explained_variance": [round(float(v), 4) for v in explained],
-            "sliders": [str(Path(args.out_dir) / f"{name}_{j}.safetensors") for j in range(args.k)],
-            "final_loss": [round(r.final_loss, 4) for r in results],
-            "train_seconds": round(sum(r.seconds for r in results), 1), "preview": str(grid)}
+    return {"concept": args.concept, "images": len(found.images.latents), "k": args.k, "rotation": args.rotation,
+            "explained_variance": [round(float(v), 4) for v in found.explained],
+            "sliders": [str(p) for p in paths],
+            "final_loss": [round(r.final_loss, 4) for r in found.results],
+            "train_seconds": round(sum(r.seconds for r in found.results), 1), "preview": str(grid)}
+
+
+def load_embedder(name: str, denoiser):
+    """'shapes' → the shipped shapes encoder (only for the shapes model); otherwise a local CLIP folder."""
+    from .shapes.encoder import load_shapes_encoder
+
+    if name == "shapes":
+        if denoiser.family != "shapes":
+            raise SliderError(f"the shapes encoder sees only the shapes world; for a {denoiser.family} model give "
+                              "--embedder <local CLIP folder>")
+        return load_shapes_encoder()
+    from .backends.clip_vision import TransformersClipEmbedder
+
+    return TransformersClipEmbedder(name, device=getattr(denoiser, "device", "cpu"))
 
 
 def cmd_make_pairs(args) -> dict:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .denoiser import Cond, Denoiser, SliderSchedule
+from .denoiser import Cond, Denoiser, SampleCallback, SliderSchedule
 from .errors import SliderError
 from .formats import load_slider
 
@@ -67,15 +67,17 @@ def delayed_schedule(scales: dict[str, float], start: float) -> SliderSchedule:
 @torch.no_grad()
 def generate(denoiser: Denoiser, prompt: str, *, scales: dict[str, float], seeds: Sequence[int],
              steps: int = 30, guidance: float = 7.5, resolution: int | None = None,
-             start: float = 0.0, negative_prompt: str = "", progress: bool = False) -> torch.Tensor:
-    """Images [N, H, W, 3] for each seed with the given slider scales (same noise for equal seeds)."""
+             start: float = 0.0, negative_prompt: str = "", progress: bool = False,
+             callback: SampleCallback | None = None) -> torch.Tensor:
+    """Images [N, H, W, 3] for each seed with the given slider scales (same noise for equal seeds);
+    `callback` runs after every model call (progress, cancel)."""
     resolution = resolution or denoiser.default_resolution
     noise = torch.cat([denoiser.initial_noise(1, resolution, torch.Generator().manual_seed(s)) for s in seeds])
     cond, uncond = denoiser.encode([prompt]), denoiser.encode([negative_prompt])
     schedule = delayed_schedule(scales, start)
     try:
         trajectory = denoiser.sample(cond, uncond, guidance=guidance, steps=steps, noise=noise,
-                                     slider_schedule=schedule, progress=progress,
+                                     slider_schedule=schedule, progress=progress, callback=callback,
                                      generator=torch.Generator().manual_seed(seeds[0]))
     finally:
         denoiser.sliders.set_scales({})

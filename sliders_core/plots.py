@@ -78,3 +78,24 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
             draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
         draw.text((right + 10, top + 16 * i), name, fill=colour)
     return image
+
+
+def bar_plot(values: Sequence[float], labels: Sequence[str], title: str, width: int = 512,
+             height: int = 256) -> Image.Image:
+    """Labelled bars from 0 to each value, printed above it (e.g. each direction's explained variance)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 6), title, fill="black")
+    if not values:
+        draw.text((10, 30), "no data", fill="black")
+        return image
+    top, bottom, left, right = 40, height - 24, 10, width - 10
+    slot = (right - left) / len(values)
+    peak = max(max(values), 1e-12)
+    for i, (value, label) in enumerate(zip(values, labels)):
+        x0, x1 = left + i * slot + slot * 0.15, left + (i + 1) * slot - slot * 0.15
+        y = bottom - (bottom - top) * max(value, 0) / peak
+        draw.rectangle((x0, y, x1, bottom), fill=(31, 119, 180))
+        draw.text((x0, y - 12), f"{value:.3g}", fill="black")
+        draw.text((x0, bottom + 6), label, fill="black")
+    return image

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import BatchedRunOptions
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, Denoiser, SampleCallback
 from .errors import SliderError
+from .slider_weights import SliderWeights
 from .training import SliderRun, StepCallback, TrainResult, run_metadata
 
 
@@ -47,7 +48,7 @@ class ConceptImages:
 @torch.no_grad()
 def generate_concept_images(denoiser: Denoiser, concept: str, count: int, *, variations: Sequence[str] = (),
                             seed: int = 0, steps: int = 25, guidance: float = 3.0, batch: int = 16,
-                            resolution: int | None = None) -> ConceptImages:
+                            resolution: int | None = None, callback: SampleCallback | None = None) -> ConceptImages:
     """`count` images of the concept with the frozen model, cycling through the prompt variations
     (the concept itself when none are given). Image i starts from the noise of seed `seed + i`; a
     stochastic sampler's step noise comes from one generator per batch, so the same arguments give
@@ -67,7 +68,8 @@ def generate_concept_images(denoiser: Denoiser, concept: str, count: int, *, var
                            for i in chunk])
         with denoiser.sliders.disabled():
             trajectory = denoiser.sample(denoiser.encode(chunk_prompts), uncond, guidance=guidance, steps=steps,
-                                         noise=noise, generator=torch.Generator().manual_seed(seed + start))
+                                         noise=noise, generator=torch.Generator().manual_seed(seed + start),
+                                         callback=callback)
         latents.append(trajectory.final.float().cpu())
         all_prompts += chunk_prompts
         seeds += [seed + i for i in chunk]
@@ -75,22 +77,58 @@ def generate_concept_images(denoiser: Denoiser, concept: str, count: int, *, var
     return ConceptImages(latents=latents, images=denoiser.decode(latents), prompts=all_prompts, seeds=seeds)
 
 
-def principal_directions(embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k principal directions of the embeddings [N, D] (rows orthonormal, by variance) and the
-    share of the total variance each explains. Each direction's sign is fixed so that its largest
-    component is positive, which makes runs comparable."""
+ROTATIONS = ("independent", "pca")
+
+
+def principal_directions(embeddings: torch.Tensor, k: int, rotation: str = "pca", seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k principal directions of the embeddings [N, D] (rows orthonormal, by explained variance)
+    and the share of the total variance each explains.
+
+    rotation "pca" keeps the principal axes (the paper). "independent" keeps their span but rotates it so
+    that the projections are statistically independent (FastICA on the whitened projections): when the
+    model varies several things independently with similar spread (size, colour, shape), principal axes
+    mix them, since any rotation of a near-degenerate eigenspace is as principal; independent axes
+    separate them. Each direction's sign is fixed so its largest component is positive."""
     if embeddings.dim() != 2:
         raise SliderError(f"embeddings must be [N, D], got {tuple(embeddings.shape)}")
+    if rotation not in ROTATIONS:
+        raise SliderError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
     n, dim = embeddings.shape
     if not 1 <= k <= min(n - 1, dim):
         raise SliderError(f"K = {k} directions need more than K images and at most {dim} dimensions; "
                           f"there are {n} images: use K ≤ {min(n - 1, dim)} or generate more images")
     centred = embeddings.double() - embeddings.double().mean(dim=0)
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    variance = singular**2
+    total = (singular**2).sum()
     directions = vh[:k]
+    if rotation == "independent" and k > 1:
+        projections = centred @ directions.T
+        directions = independent_rotation(projections / projections.std(dim=0), seed) @ directions
+    variance = ((centred @ directions.T) ** 2).sum(dim=0)
+    order = variance.argsort(descending=True)
+    directions, variance = directions[order], variance[order]
     signs = torch.sign(directions.gather(1, directions.abs().argmax(dim=1, keepdim=True)))
-    return (directions * signs).float(), (variance[:k] / variance.sum()).float()
+    return (directions * signs).float(), (variance / total).float()
+
+
+def independent_rotation(whitened: torch.Tensor, seed: int = 0, iterations: int = 500) -> torch.Tensor:
+    """Symmetric FastICA (Hyvärinen 1999, log-cosh contrast) on [N, K] whitened data: the orthogonal
+    K×K matrix whose rows give the most non-Gaussian, hence most independent, projections. A dozen
+    lines here rather than a scikit-learn dependency for the pack."""
+    k = whitened.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    w, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    for _ in range(iterations):
+        y = torch.tanh(whitened @ w.T)
+        update = y.T @ whitened / len(whitened) - (1 - y**2).mean(dim=0)[:, None] * w
+        u, _, vt = torch.linalg.svd(update)
+        new = u @ vt  # the nearest orthogonal matrix keeps the components decorrelated
+        converged = float((torch.diag(new @ w.T).abs() - 1).abs().max()) < 1e-10
+        w = new
+        if converged:
+            break
+    return w
 
 
 @dataclass
@@ -128,26 +166,37 @@ def embedding_change(denoiser: Denoiser, embedder: ImageEmbedder, name: str, lat
 
 def train_sliderspace(denoiser: Denoiser, embedder: ImageEmbedder, images: ConceptImages, directions: torch.Tensor,
                       explained: torch.Tensor, concept: str, config: SliderSpaceConfig, *, name: str = "direction",
-                      checkpoint_dir: str | Path | None = None, callback: StepCallback | None = None,
-                      progress: bool = True) -> list[TrainResult]:
-    """One slider per direction, trained one after another and left attached as `<name>_<j>`."""
+                      resume: Sequence[SliderWeights | None] = (), checkpoint_dir: str | Path | None = None,
+                      callback: StepCallback | None = None, progress: bool = True) -> list[TrainResult]:
+    """One slider per direction, trained one after another and left attached as `<name>_<j>`.
+    `resume[j]` continues direction j's slider (one that is complete is kept as it is); `callback`
+    counts the steps of all K sliders together."""
     config.validate()
     if len(directions) != len(explained):
         raise SliderError(f"{len(directions)} directions but {len(explained)} explained variances")
     cond = denoiser.encode([concept])
     latents = images.latents.to(next(iter(cond.tensors.values())).device)
+    total = len(directions) * config.iterations
     results = []
     for j, direction in enumerate(directions):
         slider = f"{name}_{j}"
+        prior = resume[j] if j < len(resume) else None
+        if prior is not None:
+            _check_resumable(prior, concept, j)
+            if int(prior.metadata.get("sliders.steps", 0)) >= config.iterations:
+                denoiser.sliders.add(slider, prior)
+                results.append(TrainResult(weights=prior))
+                continue
         path = Path(checkpoint_dir) / f"{slider}.safetensors" if checkpoint_dir else None
-        run = SliderRun(denoiser, slider, config, checkpoint_path=path, callback=callback, progress=progress,
-                        label=f"SliderSpace direction {j}")
+        overall = (lambda step, _, loss, j=j: callback(j * config.iterations + step, total, loss)) if callback else None
+        run = SliderRun(denoiser, slider, config, resume=prior, checkpoint_path=path, callback=overall,
+                        progress=progress, label=f"SliderSpace direction {j}")
         run.metadata = lambda steps, j=j: {
             **run_metadata(denoiser.family, "sliderspace", config, steps, int(images.images.shape[1]),
                            config.batch_size),
             "sliders.concept": concept, "sliders.direction": str(j),
             "sliders.explained_variance": f"{float(explained[j]):.6g}", "sliders.images": str(len(latents))}
-        gen = torch.Generator().manual_seed(config.seed * 1000 + j)
+        gen = torch.Generator().manual_seed(config.seed * 1000 + j + 7919 * run.start_step)
         target = direction.to(latents.device).float()
         for step in run.steps():
             pick = torch.randint(len(latents), (config.batch_size,), generator=gen)
@@ -157,5 +206,62 @@ def train_sliderspace(denoiser: Denoiser, embedder: ImageEmbedder, images: Conce
     return results
 
 
-__all__ = ["ImageEmbedder", "ConceptImages", "SliderSpaceConfig", "generate_concept_images", "principal_directions",
-           "embedding_change", "train_sliderspace"]
+def _check_resumable(prior: SliderWeights, concept: str, j: int) -> None:
+    meta = prior.metadata
+    if meta.get("sliders.kind") != "sliderspace" or meta.get("sliders.direction") != str(j) \
+            or meta.get("sliders.concept") != concept:
+        raise SliderError(f"the slider given to resume direction {j} of {concept!r} is "
+                          f"{meta.get('sliders.kind', 'not a SliderSpace slider')} for direction "
+                          f"{meta.get('sliders.direction')} of {meta.get('sliders.concept')!r}")
+
+
+@dataclass
+class Discovery:
+    """A SliderSpace run: the concept images, the directions found, and one trained slider per direction
+    (attached to the denoiser as `names[j]`, switched off)."""
+
+    images: ConceptImages
+    directions: torch.Tensor
+    explained: torch.Tensor
+    results: list[TrainResult]
+    names: list[str]
+
+
+def embed_images(embedder: ImageEmbedder, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Embeddings [N, D] of the images, in chunks, refusing an embedder whose output is not one unit
+    vector per image."""
+    with torch.no_grad():
+        embeddings = torch.cat([embedder.embed(chunk.float()) for chunk in images.split(batch)])
+    if embeddings.dim() != 2 or len(embeddings) != len(images):
+        raise SliderError(f"the image embedder gave {tuple(embeddings.shape)} for {len(images)} images; it must "
+                          "give one embedding vector per image")
+    if not torch.isfinite(embeddings).all():
+        raise SliderError("the image embedder gave NaN or infinite embeddings for the concept images")
+    return embeddings.cpu()
+
+
+def discover_sliders(denoiser: Denoiser, embedder: ImageEmbedder, concept: str, config: SliderSpaceConfig, *,
+                     count: int, k: int, variations: Sequence[str] = (), rotation: str = "independent",
+                     steps: int = 25, guidance: float = 3.0, resolution: int | None = None, name: str = "direction",
+                     resume: Sequence[SliderWeights | None] = (), checkpoint_dir: str | Path | None = None,
+                     callback: StepCallback | None = None, sample_callback: SampleCallback | None = None,
+                     progress: bool = True) -> Discovery:
+    """The whole method: `count` images of the concept, their embeddings, `k` directions, one slider each.
+    Inputs are checked before anything is generated."""
+    config.validate()
+    if rotation not in ROTATIONS:
+        raise SliderError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    if not 1 <= k < count:
+        raise SliderError(f"K = {k} sliders need more than K images; asked for {count} images")
+    images = generate_concept_images(denoiser, concept, count, variations=variations, seed=config.seed, steps=steps,
+                                     guidance=guidance, resolution=resolution, callback=sample_callback)
+    embeddings = embed_images(embedder, images.images)
+    directions, explained = principal_directions(embeddings, k, rotation, seed=config.seed)
+    results = train_sliderspace(denoiser, embedder, images, directions, explained, concept, config, name=name,
+                                resume=resume, checkpoint_dir=checkpoint_dir, callback=callback, progress=progress)
+    return Discovery(images, directions, explained, results, [f"{name}_{j}" for j in range(k)])
+
+
+__all__ = ["ImageEmbedder", "ConceptImages", "SliderSpaceConfig", "ROTATIONS", "generate_concept_images",
+           "principal_directions", "independent_rotation",
+           "embedding_change", "train_sliderspace", "Discovery", "embed_images", "discover_sliders"]

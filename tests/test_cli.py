@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -110,5 +111,28 @@ def test_discover_writes_one_slider_per_direction_and_a_preview(tmp_path, capsys
             metadata = f.metadata()
         assert metadata["sliders.kind"] == "sliderspace" and metadata["sliders.concept"] == "a shape"
     assert Image.open(summary["preview"]).size == (5 * 128, 16 + 2 * 128)  # a row per slider, a column per α
+    # --resume: finished sliders are kept as they are, unfinished ones continue from their steps
+    first = Path(summary["sliders"][0]).read_bytes()
+    code, again, err = run(capsys, "discover", "--concept", "a shape", "--images", "12", "--k", "2",
+                           "--iterations", "5", "--out-dir", out, "--resume")
+    assert code == 0, err
+    assert Path(again["sliders"][0]).read_bytes() == first and again["train_seconds"] == 0
+    code, longer, err = run(capsys, "discover", "--concept", "a shape", "--images", "12", "--k", "2",
+                            "--iterations", "8", "--out-dir", out, "--resume")
+    assert code == 0, err
+    with safe_open(longer["sliders"][1], framework="pt") as f:
+        assert f.metadata()["sliders.steps"] == "8"
     code, _, err = run(capsys, "discover", "--concept", "a shape", "--images", "4", "--k", "4", "--out-dir", out)
-    assert code == 2 and "K = 4 directions need more than K images" in err
+    assert code == 2 and "K = 4 sliders need more than K images" in err
+    code, _, err = run(capsys, "discover", "--concept", "a shape", "--embedder", tmp_path / "none", "--out-dir", out)
+    assert code == 2 and "not a transformers model folder" in err
+
+
+def test_discover_with_a_clip_folder(tmp_path, capsys):
+    from test_sliderspace import tiny_clip_folder
+
+    code, summary, err = run(capsys, "discover", "--concept", "a shape", "--images", "8", "--k", "2",
+                             "--iterations", "3", "--embedder", tiny_clip_folder(tmp_path / "clip"),
+                             "--rotation", "pca", "--out-dir", tmp_path / "space")
+    assert code == 0, err
+    assert summary["rotation"] == "pca" and len(summary["sliders"]) == 2 and Path(summary["sliders"][1]).is_file()

@@ -719,6 +719,23 @@ def test_shapes_workflow_runs_as_shipped_and_moves_its_concept(server, name, tmp
         assert psnr > 30, report
         assert edits["area"][0] < picture["area"][0] < edits["area"][1], (picture["area"], edits["area"])
         assert (edits["colour"] == picture["colour"][0]).all()  # only the size moves
+    elif "discover" in name:
+        discover_id = next(i for i, n in prompt.items() if n["class_type"] == "ConceptSlidersDiscover")
+        k = prompt[discover_id]["inputs"]["k"]
+        preview = next(paths[0] for i, paths in saves.items() if prompt[i]["inputs"]["images"][0] == discover_id)
+        assert pixels(preview).shape[0] == 16 + k * 64  # one row per discovered slider
+        report = json.dumps(entry["outputs"][next(i for i, n in prompt.items() if n["class_type"] == "PreviewAny")])
+        assert f"{k} sliders for" in report, report
+        sweep_id = next(i for i, n in prompt.items() if n["class_type"] == "ConceptSlidersSweep")
+        alphas = [float(a) for a in prompt[sweep_id]["inputs"]["alphas"].split(",")]
+        grid_path = next(paths[0] for i, paths in saves.items() if prompt[i]["inputs"]["images"][0] == sweep_id)
+        cells = [np.stack(c).astype(np.float32) / 255 for c in sweep_cells(grid_path, len(alphas), rows=4)]
+        base = cells[alphas.index(0.0)]
+        change = {a: float(np.abs(c - base).mean()) for a, c in zip(alphas, cells)}
+        print(f"{name}: mean pixel change per α {change}")
+        assert change[2.0] > change[1.0] > 0.01 and change[-2.0] > change[-1.0] > 0.01, change  # a dial both ways
+        for j in range(k):  # every discovered slider is a normal slider file in sliders/<concept>/
+            assert (server.base / "models" / "loras" / "sliders" / "a_shape" / f"a_shape_{j}.safetensors").is_file()
     else:
         pytest.fail(f"no measured check for the shapes workflow {name!r}")
     print(f"{name}: {took:.1f} s wall in the server")

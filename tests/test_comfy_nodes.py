@@ -678,3 +678,106 @@ def test_inversion_on_shapes_matches_the_cli_and_reconstructs_the_photo(shapes, 
     out = NODE_CLASS_MAPPINGS["ConceptSlidersNullTextInvert"]().invert(
         model, vae, photo, "a large circle", 10, 3.0, "null-text", 10, "ddim_uniform", clip=clip)
     assert out["result"][2] > 30, out["result"][3]  # 35 dB here at 10 steps; 41.5 dB at 25 on a sampled photo
+
+
+# ---------------------------------------------------------------------------------------------
+# SliderSpace: Discover Sliders, Select Slider, the CLIP_VISION embedder, gradients through the VAE
+# ---------------------------------------------------------------------------------------------
+def discover(model, clip, vae, **overrides):
+    args = dict(model=model, clip=clip, vae=vae, concept="a shape", variations="", images=12, k=2,
+                rotation="independent", iterations=5, lr=1e-2, steps=10, resolution=0, cfg=3.0, seed=0, resume=False)
+    args.update(overrides)
+    with torch.inference_mode():
+        return NODE_CLASS_MAPPINGS["ConceptSlidersDiscover"]().discover(**args)
+
+
+def test_discover_node_on_shapes_saves_sliders_the_stock_loader_reads(shapes, loras):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model, clip, vae = shapes
+    out = discover(model, clip, vae)
+    sliders, preview, plot, report = out["result"]
+    assert len(sliders) == 2 and "2 sliders for 'a shape'" in report and out["ui"]["text"] == [report]
+    assert tuple(preview.shape) == (1, 16 + 2 * 64, 5 * 64, 3) and plot.shape[0] == 1  # a row per slider
+    for j in range(2):
+        path = loras / "sliders" / "a_shape" / f"a_shape_{j}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert (meta["sliders.kind"], meta["sliders.direction"], meta["sliders.base_family"]) == ("sliderspace", str(j),
+                                                                                              "shapes")
+        stock, unloaded = comfy_support.load_lora_into(model, load_file(str(path)), 1.0)
+        assert unloaded == []
+        with torch.inference_mode():
+            picked = NODE_CLASS_MAPPINGS["ConceptSlidersSelect"]().select(sliders, j)[0]
+            ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(model, picked, 1.0)[0]
+        x, sigma = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(j)), torch.tensor([3.0])
+        context = clip.encode_from_tokens(clip.tokenize("a shape"))
+        assert torch.equal(comfy_support.patcher_forward(stock, x, sigma, context),
+                           comfy_support.patcher_forward(ours, x, sigma, context))
+    with pytest.raises(SliderError, match="there are 2 sliders"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersSelect"]().select(sliders, 2)
+    # resume: both sliders are complete, so they are kept as they are
+    before = (loras / "sliders" / "a_shape" / "a_shape_0.safetensors").read_bytes()
+    discover(model, clip, vae, resume=True)
+    assert (loras / "sliders" / "a_shape" / "a_shape_0.safetensors").read_bytes() == before
+
+
+def test_discover_node_bad_inputs(shapes, loras):
+    model, clip, vae = shapes
+    with pytest.raises(SliderError, match="concept prompt is empty"):
+        discover(model, clip, vae, concept="  ")
+    with pytest.raises(SliderError, match="K = 12 sliders need more than K images"):
+        discover(model, clip, vae, k=12)
+    with pytest.raises(SliderError, match="connect an image embedder"):
+        discover(comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae())
+
+
+def _tiny_clip_vision(tmp_path):
+    """The same random tiny CLIP vision model as a transformers folder and as the host's CLIP_VISION."""
+    import json
+
+    from test_sliderspace import tiny_clip_folder
+
+    folder = tiny_clip_folder(tmp_path / "clip")
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "vision.json").write_text(json.dumps({**config, "model_type": "clip_vision_model"}))
+    import comfy.clip_vision
+
+    vision = comfy.clip_vision.ClipVisionModel(str(tmp_path / "vision.json"))
+    from safetensors.torch import load_file
+
+    vision.load_sd(load_file(str(folder / "model.safetensors")))
+    return folder, vision
+
+
+def test_clip_vision_embedder_matches_transformers_and_passes_gradients(tmp_path):
+    from concept_sliders_pack.nodes.comfy_backend import ClipVisionEmbedder
+    from concept_sliders_pack.sliders_core.backends.clip_vision import TransformersClipEmbedder
+
+    folder, vision = _tiny_clip_vision(tmp_path)
+    images = torch.rand(2, 40, 48, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.inference_mode(False):
+        ours = ClipVisionEmbedder(vision).embed(images)
+        reference = TransformersClipEmbedder(folder).embed(images)
+        # the same model: the host stores CLIP vision weights in fp16 (computing in fp32), hence 1e-3
+        torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
+        ours[:, 0].sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0
+
+
+def test_discover_node_with_clip_vision_on_an_sd_model(tmp_path, loras):
+    _, vision = _tiny_clip_vision(tmp_path)
+    out = discover(comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae(), images=6, k=2,
+                   iterations=2, steps=3, resolution=64, concept="a dog", clip_vision=vision)
+    assert len(out["result"][0]) == 2 and (loras / "sliders" / "a_dog" / "a_dog_1.safetensors").is_file()
+
+
+def test_decoding_through_the_hosts_vae_is_differentiable_and_equals_its_decode():
+    denoiser = ComfyDenoiser(comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae())
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.inference_mode(False):
+        images = denoiser.decode(latents, differentiable=True)
+        torch.testing.assert_close(images.detach().cpu(), denoiser.decode(latents.detach()), atol=1e-5, rtol=0)
+        images.mean().backward()
+    assert float(latents.grad.abs().sum()) > 0

@@ -101,3 +101,65 @@ def test_discovered_sliders_move_the_embedding_along_their_directions(tmp_path):
         kv = slider_modules(model, "xattn_kv")  # cross-attention keys and values, as the reference
         assert sorted(weights.modules) == kv and all(m.up.shape[1] == 1 for m in weights.modules.values())  # rank 1
     model.sliders.set_scales({})
+
+
+def test_independent_rotation_separates_factors_that_pca_mixes():
+    """Two independent factors with the same spread (a three-level one, like size, and a two-level one, like
+    a binary attribute): any rotation of their plane is as principal as another, so PCA returns mixtures;
+    the independent rotation recovers each factor's axis. Orthonormal rows, ordered by explained variance."""
+    gen = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(24, 2, generator=gen))
+    levels = torch.randint(3, (400,), generator=gen).float() - 1  # −1, 0, 1: variance 2/3
+    binary = (torch.randint(2, (400,), generator=gen).float() * 2 - 1) * (2 / 3) ** 0.5  # same variance
+    embeddings = torch.stack([levels, binary], 1) @ basis.T + 0.02 * torch.randn(400, 24, generator=gen)
+    found, explained = principal_directions(embeddings, 2, "independent")
+    torch.testing.assert_close(found @ found.T, torch.eye(2), atol=1e-5, rtol=0)
+    alignment = (found @ basis).abs()  # |cos| of each direction with each true axis
+    assert sorted(alignment.max(dim=1).values.tolist())[0] > 0.98, alignment
+    assert (explained[0] >= explained[1]) and abs(float(explained.sum()) - 1) < 0.01
+    pca, _ = principal_directions(embeddings, 2, "pca")
+    assert float((pca @ basis).abs().max(dim=1).values.min()) < 0.95  # the principal axes are mixtures here
+    torch.testing.assert_close(principal_directions(embeddings, 2, "independent")[0], found, atol=0, rtol=0)
+    with pytest.raises(SliderError, match="rotation must be one of"):
+        principal_directions(embeddings, 2, "varimax")
+
+
+def test_an_embedder_that_does_not_fit_is_refused():
+    from sliders_core.shapes.encoder import load_shapes_encoder
+    from sliders_core.sliderspace import embed_images
+
+    with pytest.raises(SliderError, match=r"takes images \[B, 32, 32, 3\]"):
+        embed_images(load_shapes_encoder(), torch.rand(4, 64, 64, 3))
+
+    class OneVector:
+        def embed(self, images):
+            return torch.ones(1, 8)
+
+    with pytest.raises(SliderError, match="one embedding vector per image"):
+        embed_images(OneVector(), torch.rand(4, 32, 32, 3))
+
+
+def tiny_clip_folder(path):
+    """A randomly initialised CLIP vision model with projection, saved as a transformers folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    return path
+
+
+def test_a_transformers_clip_folder_embeds_differentiably(tmp_path):
+    from sliders_core.backends.clip_vision import TransformersClipEmbedder
+
+    embedder = TransformersClipEmbedder(tiny_clip_folder(tmp_path / "clip"))
+    images = torch.rand(3, 48, 40, 3, requires_grad=True)  # not square, not the model's size: resized and cropped
+    embeddings = embedder.embed(images)
+    assert embeddings.shape == (3, 16)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(3))
+    embeddings[:, 0].sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0  # gradients reach the pixels
+    assert isinstance(embedder, ImageEmbedder)
+    with pytest.raises(SliderError, match="not a transformers model folder"):
+        TransformersClipEmbedder(tmp_path)
