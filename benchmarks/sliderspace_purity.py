@@ -38,6 +38,8 @@ from sliders_core.sliderspace import (  # noqa: E402
 )
 
 ATTRIBUTES = ("size", "colour", "shape", "position")
+# the floor a slider is compared with: naming one attribute in the prompt, same seeds
+PROMPTED = {"a shape": ("a large shape", "a red shape", "a circle"), "a circle": ("a large circle", "a red circle")}
 MOVED_PX = 3.0
 
 
@@ -95,16 +97,24 @@ def main() -> None:
                             "change_rates": rates, "main": main_attribute, "purity": round(purity, 3)})
         for j in range(args.k):
             model.sliders.remove(f"{name}_{j}")
-        report["concepts"][concept] = {"cost": cost, "sliders": sliders}
+        prompted = {}
+        for prompt in PROMPTED.get(concept, ()):
+            rates = change_rates(base, measure_batch(generate(model, prompt, scales={}, seeds=seeds, **sampling).numpy()))
+            main_attribute = max(rates, key=rates.get)
+            prompted[prompt] = {"change_rates": rates, "main": main_attribute,
+                                "purity": round(rates[main_attribute] / sum(rates.values()), 3)}
+        report["concepts"][concept] = {"cost": cost, "sliders": sliders, "prompted": prompted}
         print(json.dumps({concept: report["concepts"][concept]}, indent=1), flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sliderspace_purity.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    stem = f"sliderspace_purity_{args.rotation}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     lines = [f"# SliderSpace on the shapes world ({args.seeds} fresh seeds per slider and α, K = {args.k}, "
-             f"{args.images} images, {args.iterations} steps per slider, lr {args.lr})", "",
+             f"{args.images} images, {args.rotation} directions, {args.iterations} steps per slider, lr {args.lr})", "",
              "Share of images whose attribute changes against α = 0 (mean of α −1 and +1); purity = the main "
-             "attribute's share of the sum.", "",
+             "attribute's share of the sum. 'prompt' rows: the same seeds prompted with one attribute named instead "
+             "(the floor of what naming an attribute leaves alone).", "",
              "| concept | slider | explained variance | size | colour | shape | position | main | purity |",
              "|---|---|---|---|---|---|---|---|---|"]
     for concept, result in report["concepts"].items():
@@ -112,9 +122,13 @@ def main() -> None:
             mean = {a: (s["change_rates"]["-1"][a] + s["change_rates"]["+1"][a]) / 2 for a in ATTRIBUTES}
             lines.append(f"| {concept} | {s['direction']} | {s['explained_variance']:.3f} | "
                          + " | ".join(f"{mean[a]:.2f}" for a in ATTRIBUTES) + f" | {s['main']} | {s['purity']:.2f} |")
+        for prompt, p in result["prompted"].items():
+            lines.append(f"| {concept} | prompt '{prompt}' | – | "
+                         + " | ".join(f"{p['change_rates'][a]:.2f}" for a in ATTRIBUTES) + f" | {p['main']} | "
+                         f"{p['purity']:.2f} |")
     lines += ["", "Cost: " + "; ".join(f"{c}: {r['cost']['images']} images, {r['cost']['unet_forwards']} UNet "
                                        f"forwards, {r['cost']['seconds']} s" for c, r in report["concepts"].items())]
-    (out / "sliderspace_purity.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

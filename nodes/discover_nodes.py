@@ -122,7 +122,7 @@ class DiscoverSliders:
                   f"sliders/{slug}/; explained variance " + ", ".join(f"{v:.1%}" for v in explained)
                   + "; final loss " + ", ".join(f"{r.final_loss:.3f}" for r in found.results if r.losses))
         plot = bar_plot(explained, [f"slider {j}" for j in range(k)], f"explained variance, {concept!r}")
-        grid = grid_image(columns, [f"α={a:g}" for a in PREVIEW_ALPHAS], cell=64)
+        grid = grid_image(columns, [f"alpha={a:g}" for a in PREVIEW_ALPHAS], cell=64)  # PIL's font has no α
         return {"ui": {"text": [report]}, "result": (sliders, pil_to_image(grid), pil_to_image(plot), report)}
 
 

@@ -79,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8188")
     parser.add_argument("--no-run", action="store_true", help="only load the workflows, run nothing")
+    parser.add_argument("--only", help="only the templates whose name contains this text")
     args = parser.parse_args()
     base = args.url.rstrip("/")
     names = json.loads(get(f"{base}/workflow_templates"))[PACK]
@@ -92,7 +93,7 @@ def main() -> None:
         # readable pictures: no minimap over the graph, full detail at any zoom
         page.evaluate("""async () => { const s = window.app.extensionManager.setting;
             await s.set("Comfy.Minimap.Visible", false); await s.set("LiteGraph.Canvas.MinFontSizeForLOD", 0); }""")
-        for name in sorted(names):
+        for name in sorted(n for n in names if args.only is None or args.only in n):
             url = f"{base}/api/workflow_templates/{PACK}/{urllib.parse.quote(name)}.json"
             page.evaluate("async url => { const r = await fetch(url); await window.app.loadGraphData(await r.json()); }",
                           url)
