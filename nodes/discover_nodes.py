@@ -85,17 +85,27 @@ class DiscoverSliders:
         if clip_vision is None and model_family(model) != "shapes":
             raise SliderError("connect an image embedder to clip_vision (Load CLIP Vision): only the shapes model "
                               "has one built in")
-        progress = comfy.utils.ProgressBar(images * steps + k * iterations)
+        # one bar over the three phases: sampling the concept images (batches of 16), training, the preview
+        sampling_calls = -(-images // 16) * steps
+        progress = comfy.utils.ProgressBar(sampling_calls + k * iterations + k * len(PREVIEW_ALPHAS) * steps)
+        calls = {"sampling": 0, "preview": 0}
 
-        def sampled(step, _total):  # one model call while generating the concept images
+        def sampled(_step, _total):  # one model call while generating the concept images
             comfy.model_management.throw_exception_if_processing_interrupted()
+            calls["sampling"] += 1
+            progress.update_absolute(calls["sampling"])
 
         def trained(step, total, loss):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(images * steps + step)
+            progress.update_absolute(sampling_calls + step)
             if not math.isnan(loss):
                 show_text(unique_id, f"slider {min(step // iterations, k - 1) + 1}/{k} · step {step}/{total} · "
                                      f"loss {loss:.4g}")
+
+        def previewed(_step, _total):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            calls["preview"] += 1
+            progress.update_absolute(sampling_calls + k * iterations + calls["preview"])
 
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode
             if clip_vision is not None:
@@ -108,13 +118,14 @@ class DiscoverSliders:
             prior = [load_slider(p, denoiser.naming, denoiser.family) if resume and p.is_file() else None
                      for p in paths]
             folder.mkdir(parents=True, exist_ok=True)
+            sampling = {"steps": steps, "guidance": cfg, "resolution": resolution or None}
             found = discover_sliders(denoiser, embedder, concept, config, count=images, k=k,
-                                     variations=variations.splitlines(), rotation=rotation, steps=steps,
-                                     guidance=cfg, resolution=resolution or None, name=slug, resume=prior, checkpoint_dir=folder,
-                                     callback=trained, sample_callback=sampled, progress=False)
+                                     variations=variations.splitlines(), rotation=rotation, name=slug, resume=prior,
+                                     checkpoint_dir=folder, callback=trained, sample_callback=sampled, progress=False,
+                                     **sampling)
             with torch.no_grad():
-                columns = [torch.cat([generate(denoiser, concept, scales={name: alpha}, seeds=[seed], steps=steps,
-                                               guidance=cfg, resolution=resolution or None, callback=sampled) for name in found.names])
+                columns = [torch.cat([generate(denoiser, concept, scales={name: alpha}, seeds=[seed], callback=previewed,
+                                               **sampling) for name in found.names])
                            for alpha in PREVIEW_ALPHAS]
         explained = [float(v) for v in found.explained]
         sliders = [SliderFile.from_weights(r.weights, p.stem) for r, p in zip(found.results, paths)]

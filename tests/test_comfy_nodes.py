@@ -781,3 +781,34 @@ def test_decoding_through_the_hosts_vae_is_differentiable_and_equals_its_decode(
         torch.testing.assert_close(images.detach().cpu(), denoiser.decode(latents.detach()), atol=1e-5, rtol=0)
         images.mean().backward()
     assert float(latents.grad.abs().sum()) > 0
+
+
+def test_cancel_in_discover_acts_within_one_step_and_keeps_the_finished_sliders(shapes, loras):
+    model, clip, vae = shapes
+    mm = C["model_management"]
+    original = ComfyDenoiser.predict
+    forwards = []
+
+    def cancel_when(condition):
+        def counting_predict(self, *args, **kwargs):
+            forwards.append(1)
+            if condition(self):
+                mm.interrupt_current_processing(True)
+            return original(self, *args, **kwargs)
+        return counting_predict
+
+    ComfyDenoiser.predict = cancel_when(lambda _: len(forwards) == 3)  # while the concept images are sampled
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            discover(model, clip, vae)
+        assert len(forwards) <= 4  # the step in flight (cond and uncond) finishes, then it stops
+        assert not list((loras / "sliders").rglob("*.safetensors"))
+        forwards.clear()
+        ComfyDenoiser.predict = cancel_when(lambda d: d.sliders.scales.get("a_shape_1"))  # training slider 1
+        with pytest.raises(mm.InterruptProcessingException):
+            discover(model, clip, vae)
+    finally:
+        ComfyDenoiser.predict = original
+        mm.interrupt_current_processing(False)
+    folder = loras / "sliders" / "a_shape"
+    assert (folder / "a_shape_0.safetensors").is_file() and not (folder / "a_shape_1.safetensors").exists()
