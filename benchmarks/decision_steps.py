@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from sliderspace_purity import ATTRIBUTES, MOVED_PX  # noqa: E402
+from sliderspace_purity import ATTRIBUTES, changed  # noqa: E402
 
 from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
 from sliders_core.inference import attach_slider_file, generate  # noqa: E402
@@ -36,16 +36,6 @@ SLIDERS = {"size": ROOT / "models" / "sliders" / "shapes_size.safetensors",
            "colour": ROOT / "models" / "sliders" / "shapes_colour.safetensors"}
 STARTS = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4, 0.6)  # 0, 1, 2, 3, 4, 5, 8, 10, 15 of 25 steps
 BOOTSTRAP = 2000
-
-
-def changed(base, edited, side: int = 32) -> dict[str, np.ndarray]:
-    """Per image: 1 where the attribute differs from the α = 0 image of the same seed."""
-    def moved(a, b):
-        return np.hypot(a.cx - b.cx, a.cy - b.cy) * side > MOVED_PX if np.isfinite(a.cx) and np.isfinite(b.cx) else True
-    return {"size": np.array([a.size != b.size for a, b in zip(base, edited)], float),
-            "colour": np.array([a.color != b.color for a, b in zip(base, edited)], float),
-            "shape": np.array([a.shape != b.shape for a, b in zip(base, edited)], float),
-            "position": np.array([moved(a, b) for a, b in zip(base, edited)], float)}
 
 
 def interval(flags: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:

@@ -43,16 +43,19 @@ PROMPTED = {"a shape": ("a large shape", "a red shape", "a circle"), "a circle":
 MOVED_PX = 3.0
 
 
+def changed(base, edited, side: int = 32) -> dict[str, np.ndarray]:
+    """Per image: 1 where the attribute differs from the α = 0 image of the same seed."""
+    def moved(a, b):
+        return np.hypot(a.cx - b.cx, a.cy - b.cy) * side > MOVED_PX if np.isfinite(a.cx) and np.isfinite(b.cx) else True
+    return {"size": np.array([a.size != b.size for a, b in zip(base, edited)], float),
+            "colour": np.array([a.color != b.color for a, b in zip(base, edited)], float),
+            "shape": np.array([a.shape != b.shape for a, b in zip(base, edited)], float),
+            "position": np.array([moved(a, b) for a, b in zip(base, edited)], float)}
+
+
 def change_rates(base, edited, side: int = 32) -> dict[str, float]:
     """Share of images whose attribute differs from the α = 0 image of the same seed."""
-    return {
-        "size": float(np.mean([a.size != b.size for a, b in zip(base, edited)])),
-        "colour": float(np.mean([a.color != b.color for a, b in zip(base, edited)])),
-        "shape": float(np.mean([a.shape != b.shape for a, b in zip(base, edited)])),
-        "position": float(np.mean([np.hypot(a.cx - b.cx, a.cy - b.cy) * side > MOVED_PX
-                                   if np.isfinite(a.cx) and np.isfinite(b.cx) else True
-                                   for a, b in zip(base, edited)])),
-    }
+    return {a: float(flags.mean()) for a, flags in changed(base, edited, side).items()}
 
 
 def main() -> None:

@@ -103,6 +103,22 @@ def _copy_weight(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def wrap_weights_for_autograd(patcher, root: torch.nn.Module, prefix: str = "", skip=frozenset()) -> set[str]:
+    """An identity wrapper on every weight and bias of the host's ops under `root` (keys `prefix` + module
+    path) not in `skip`, so autograd never saves an inference-mode tensor (ComfyUI loads weights under
+    inference mode; the wrapper makes cast_bias_weight copy them). Returns the keys wrapped."""
+    wrapped = set()
+    for module_name, module in root.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{module_name}.{kind}"
+            if getattr(module, kind, None) is not None and key not in skip:
+                patcher.add_weight_wrapper(key, _copy_weight)
+                wrapped.add(key)
+    return wrapped
+
+
 class ComfySliderHost:
     def __init__(self, patcher, names: dict[str, str]):
         self.patcher = patcher
@@ -157,18 +173,10 @@ class ComfySliderHost:
         self.changed = True
 
     def _wrap_other_weights(self) -> None:
-        """Every other weight gets an identity wrapper so autograd never saves an inference-mode tensor
-        (ComfyUI loads weights under inference mode; the wrapper makes cast_bias_weight copy them)."""
+        """Every weight without a slider gets an identity wrapper (wrap_weights_for_autograd)."""
         skip = {f"diffusion_model.{self.names_map[p]}.weight" for a in self._adapters.values() for p in a}
-        skip |= self._identity_wrapped
-        for module_name, module in self.patcher.model.diffusion_model.named_modules():
-            if not hasattr(module, "weight_function"):
-                continue
-            for kind in ("weight", "bias"):
-                key = f"diffusion_model.{module_name}.{kind}"
-                if getattr(module, kind, None) is not None and key not in skip:
-                    self.patcher.add_weight_wrapper(key, _copy_weight)
-                    self._identity_wrapped.add(key)
+        self._identity_wrapped |= wrap_weights_for_autograd(self.patcher, self.patcher.model.diffusion_model,
+                                                            "diffusion_model.", skip | self._identity_wrapped)
 
     def remove(self, name: str) -> None:
         if self._adapters.pop(name, None) is None:
@@ -762,10 +770,7 @@ class ClipVisionEmbedder:
                               f"{type(clip_vision.model).__name__}: load a CLIP vision checkpoint")
         self.vision = clip_vision
         self.patcher = clip_vision.patcher.clone()
-        for module_name, module in self.patcher.model.named_modules():
-            for kind in ("weight", "bias"):
-                if hasattr(module, "weight_function") and getattr(module, kind, None) is not None:
-                    self.patcher.add_weight_wrapper(f"{module_name}.{kind}", _copy_weight)
+        wrap_weights_for_autograd(self.patcher, self.patcher.model)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         from comfy.clip_model import CLIPLayer

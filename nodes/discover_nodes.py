@@ -4,15 +4,14 @@ CLIP_VISION."""
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import load_slider, safe_output_path
-from ..sliders_core.inference import generate, grid_image
+from ..sliders_core.inference import grid_image, slider_rows
 from ..sliders_core.plots import bar_plot
-from ..sliders_core.sliderspace import ROTATIONS, SliderSpaceConfig, discover_sliders
+from ..sliders_core.sliderspace import ROTATIONS, SliderSpaceConfig, check_concept, concept_slug, discover_sliders
 from .common import CATEGORY, SLIDER, SliderFile, pil_to_image, sliders_dir
 
 SLIDERS = "SLIDERS"  # a list of SliderFile: Select Slider picks one
@@ -75,11 +74,10 @@ class DiscoverSliders:
 
         from .comfy_backend import ClipVisionEmbedder, ComfyDenoiser, model_family, show_text
 
-        if not concept.strip():
-            raise SliderError("the concept prompt is empty: give what to explore, e.g. 'a dog' or 'a shape'")
+        check_concept(concept)  # before any folder or model is touched
         config = SliderSpaceConfig(lr=lr, iterations=iterations, seed=seed)
         config.validate()
-        slug = re.sub(r"\W+", "_", concept.strip().lower()).strip("_") or "concept"
+        slug = concept_slug(concept)
         folder = safe_output_path(sliders_dir(), slug, suffix="")  # sliders/<concept>/
         paths = [folder / f"{slug}_{j}.safetensors" for j in range(k)]
         if clip_vision is None and model_family(model) != "shapes":
@@ -123,10 +121,8 @@ class DiscoverSliders:
                                      variations=variations.splitlines(), rotation=rotation, name=slug, resume=prior,
                                      checkpoint_dir=folder, callback=trained, sample_callback=sampled, progress=False,
                                      **sampling)
-            with torch.no_grad():
-                columns = [torch.cat([generate(denoiser, concept, scales={name: alpha}, seeds=[seed], callback=previewed,
-                                               **sampling) for name in found.names])
-                           for alpha in PREVIEW_ALPHAS]
+            columns = slider_rows(denoiser, concept, found.names, PREVIEW_ALPHAS, seed=seed, callback=previewed,
+                                  **sampling)
         explained = [float(v) for v in found.explained]
         sliders = [SliderFile.from_weights(r.weights, p.stem) for r, p in zip(found.results, paths)]
         report = (f"{k} sliders for {concept!r} from {images} images ({rotation} directions), saved in "

@@ -260,18 +260,14 @@ def _sweep_trained(denoiser, prompt: str, out: Path, resolution: int | None) -> 
 
 
 def cmd_discover(args, model=None) -> dict:
-    import re
-
-    import torch
-
-    from .inference import generate
-    from .sliderspace import discover_sliders
+    from .inference import slider_rows
+    from .sliderspace import concept_slug, discover_sliders
 
     config = SliderSpaceConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations,
                                layers=args.layers, seed=args.seed, batch_size=args.batch_size,
                                save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing)
     config.validate()
-    name = re.sub(r"\W+", "_", args.concept.strip().lower()).strip("_") or "concept"
+    name = concept_slug(args.concept)
     paths = [safe_output_path(args.out_dir, f"{name}_{j}") for j in range(args.k)]  # refuses a folder that escapes
     denoiser = model or load_model(args.model, args.config, args.device)
     embedder = load_embedder(args.embedder, denoiser)
@@ -281,9 +277,7 @@ def cmd_discover(args, model=None) -> dict:
                              variations=args.variation, rotation=args.rotation, name=name, resume=prior,
                              checkpoint_dir=args.out_dir, **sampling)
     alphas = [-2, -1, 0, 1, 2]  # the preview: one row per slider, one column per α, the same seed
-    with torch.no_grad():
-        columns = [torch.cat([generate(denoiser, args.concept, scales={n: a}, seeds=[args.seed], **sampling)
-                              for n in found.names]) for a in alphas]
+    columns = slider_rows(denoiser, args.concept, found.names, alphas, seed=args.seed, **sampling)
     grid = _write_png(grid_image(columns, [f"alpha={a:g}" for a in alphas]), Path(args.out_dir) / f"{name}_sliders.png")
     return {"concept": args.concept, "images": len(found.images.latents), "k": args.k, "rotation": args.rotation,
             "explained_variance": [round(float(v), 4) for v in found.explained],

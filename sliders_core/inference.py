@@ -107,6 +107,13 @@ def sweep(denoiser: Denoiser, prompt: str, slider: str, alphas: Sequence[float],
     return [generate(denoiser, prompt, scales={**(others or {}), slider: a}, seeds=seeds, **kwargs) for a in columns]
 
 
+def slider_rows(denoiser: Denoiser, prompt: str, sliders: Sequence[str], alphas: Sequence[float], *, seed: int,
+                **kwargs) -> list[torch.Tensor]:
+    """One image batch per α with a row per slider (one seed): what each of several sliders does."""
+    return [torch.cat([generate(denoiser, prompt, scales={name: alpha}, seeds=[seed], **kwargs) for name in sliders])
+            for alpha in alphas]
+
+
 def grid_image(columns: Sequence[torch.Tensor], labels: Sequence[str], cell: int = 128) -> Image.Image:
     """Columns of images [N, H, W, 3] → one labelled grid (a column per α, a row per seed)."""
     rows = columns[0].shape[0]

@@ -12,6 +12,7 @@ predicts the clean image with the slider off and on; both are decoded and embedd
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,16 @@ class ConceptImages:
     seeds: list[int] = field(default_factory=list)
 
 
+def check_concept(concept: str) -> None:
+    if not concept.strip():
+        raise SliderError("the concept prompt is empty: give what to explore, e.g. 'a dog' or 'a shape'")
+
+
+def concept_slug(concept: str) -> str:
+    """The concept as a file and adapter name: 'a red shape' → 'a_red_shape'."""
+    return re.sub(r"\W+", "_", concept.strip().lower()).strip("_") or "concept"
+
+
 @torch.no_grad()
 def generate_concept_images(denoiser: Denoiser, concept: str, count: int, *, variations: Sequence[str] = (),
                             seed: int = 0, steps: int = 25, guidance: float = 3.0, batch: int = 16,
@@ -53,8 +64,7 @@ def generate_concept_images(denoiser: Denoiser, concept: str, count: int, *, var
     (the concept itself when none are given). Image i starts from the noise of seed `seed + i`; a
     stochastic sampler's step noise comes from one generator per batch, so the same arguments give
     the same images."""
-    if not concept.strip():
-        raise SliderError("the concept prompt is empty: give what to explore, e.g. 'a dog' or 'a shape'")
+    check_concept(concept)
     if count < 2:
         raise SliderError(f"SliderSpace needs at least 2 images, got {count}")
     prompts = [p for p in variations if p.strip()] or [concept]
@@ -264,4 +274,5 @@ def discover_sliders(denoiser: Denoiser, embedder: ImageEmbedder, concept: str, 
 
 __all__ = ["ImageEmbedder", "ConceptImages", "SliderSpaceConfig", "ROTATIONS", "generate_concept_images",
            "principal_directions", "independent_rotation",
-           "embedding_change", "train_sliderspace", "Discovery", "embed_images", "discover_sliders"]
+           "embedding_change", "train_sliderspace", "Discovery", "embed_images", "discover_sliders", "check_concept",
+           "concept_slug"]
