@@ -2,7 +2,7 @@
 
 Every attribute is measured exactly from pixels (sliders_core.shapes.metrics), with fixed seeds and
 the same noise at every α. Sliders trained here (eq. 8, our loop):
-- size     : c_t "a circle", c± "a large/small {p} circle", p over the 4 colours (η split over them)
+- size     : c_t "a circle", c± "a large/small {p} circle", p over the 4 colours (η 2 on their mean push)
 - size-abl : the same without preservation prompts (the paper's disentanglement ablation)
 - colour   : c_t "a circle", c± "a {p} red/blue circle", p over the 3 sizes
 - size-ref : the size objective without preservation trained by a reference-structured loop
@@ -50,10 +50,10 @@ ETA = 2.0
 EVAL_PROMPT = "a circle"
 SLIDERS = {
     "size": PromptPair(target="a circle", positive="a large {p} circle", negative="a small {p} circle",
-                       eta=ETA / len(COLORS), preservation=COLORS),
+                       eta=ETA, preservation=COLORS),
     "size-abl": PromptPair(target="a circle", positive="a large circle", negative="a small circle", eta=ETA),
     "colour": PromptPair(target="a circle", positive="a {p} red circle", negative="a {p} blue circle",
-                         eta=ETA / len(SIZES), preservation=SIZES),
+                         eta=ETA, preservation=SIZES),
 }
 
 

@@ -88,12 +88,12 @@ class TrainTextSlider(TrainingNode):
             "positive": ("STRING", {"default": "a photo of a person, old", "tooltip": "c+: more of the concept."}),
             "negative": ("STRING", {"default": "a photo of a person, young", "tooltip": "c-: less of the concept."}),
             "preservation": ("STRING", {"default": "male\nfemale", "multiline": True, "tooltip":
-                             "Attributes to hold fixed, one per line (summed in every step). Use {p} in the "
+                             "Attributes to hold fixed, one per line (all in every step, their pushes averaged). Use {p} in the "
                              "positive/negative prompts to place them; otherwise they are appended."}),
             "action": (list(ACTIONS), {"tooltip": "enhance: towards the positive prompt; erase: away from it."}),
             "eta": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 50.0, "step": 0.1, "tooltip":
-                    "η, the training target's strength (reference: 1–4). It multiplies the sum over preservation "
-                    "attributes."}),
+                    "η, the training target's strength (reference: 1–4), on the push averaged over the "
+                    "preservation attributes. On the shapes model η 1 leaks least (README → Disentanglement)."}),
             **training_inputs(iterations=500, slider_name="my_slider",
                               resolution_tooltip="Training image size."),
         }, "optional": OPTIONAL_TRAINING_INPUTS, "hidden": HIDDEN_INPUTS}

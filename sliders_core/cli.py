@@ -9,7 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from .config import LAYER_PRESETS, PairTrainConfig, TrainConfig, layer_presets_help, parse_numbers
+from .config import (
+    LAYER_PRESETS,
+    REDUCTIONS,
+    TRAINED_SIGNS,
+    TRAJECTORY_PROMPTS,
+    PairTrainConfig,
+    TrainConfig,
+    layer_presets_help,
+    parse_numbers,
+)
 from .errors import SliderError, TrainingDivergedError
 from .formats import describe, load_slider, read_state_dict, safe_output_path
 from .inference import SliderSpec, attach_slider_file, grid_image, sweep
@@ -22,7 +31,7 @@ DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/s
 # The demo: a size slider on the shapes model, colours held fixed (η is split over the 4 colours).
 DEMO_PROMPTS = {
     "target": "a circle", "positive": "a large {p} circle", "unconditional": "a small {p} circle",
-    "guidance_scale": 0.5, "preservation": ["red", "green", "blue", "yellow"],
+    "guidance_scale": 1.0, "preservation": ["red", "green", "blue", "yellow"],
 }
 
 
@@ -85,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: train a size slider on the embedded shapes model, render a sweep")
     demo.add_argument("--out-dir", default="out/demo")
-    demo.add_argument("--iterations", type=int, default=150)
+    demo.add_argument("--iterations", type=int, default=300)
 
     train = sub.add_parser("train", help="train a text slider from a prompt-set YAML file")
     _model_args(train)
@@ -99,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
     train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
+    train.add_argument("--signs", choices=TRAINED_SIGNS, default=defaults.signs,
+                       help="'both': train α = −1 as well as +1 (README → Disentanglement)")
+    train.add_argument("--trajectory-prompts", choices=TRAJECTORY_PROMPTS, default=defaults.trajectory_prompts,
+                       help="'preservation': draw x_t under c_t ⊕ p for every preservation attribute p")
+    train.add_argument("--trajectory-slider", action="store_true", default=defaults.trajectory_slider,
+                       help="draw x_t with the slider on (the reference's loop)")
+    train.add_argument("--anchor", action="append", default=list(defaults.anchors), dest="anchors",
+                       help="a prompt whose prediction the slider must not change (repeatable)")
+    train.add_argument("--anchor-weight", type=float, default=defaults.anchor_weight)
+    train.add_argument("--preservation-reduce", choices=REDUCTIONS, default=defaults.preservation_reduce,
+                       help="'sum': η acts once per preservation attribute (eq. 8 as printed; older files)")
+    train.add_argument("--level-range", type=float, nargs=2, default=list(defaults.level_range),
+                       metavar=("LOW", "HIGH"), help="part of the trajectory x_t is drawn from (0 = pure noise)")
 
     tp = sub.add_parser("train-pairs", help="train a visual slider from image pairs (A = less, B = more)")
     _model_args(tp)
@@ -210,7 +232,12 @@ def cmd_train(args, model=None) -> dict:
         rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
         resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
         trajectory_steps=args.trajectory_steps, trajectory_reuse=args.trajectory_reuse,
-        save_every=args.save_every, gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
+        save_every=args.save_every, gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+        **{k: getattr(args, k) for k in ("signs", "trajectory_prompts", "trajectory_slider", "anchor_weight",
+                                         "preservation_reduce")
+           if hasattr(args, k)},
+        **({"anchors": tuple(args.anchors)} if hasattr(args, "anchors") else {}),
+        **({"level_range": tuple(args.level_range)} if hasattr(args, "level_range") else {}))
     config.validate()
     denoiser = model or load_model(args.model, args.config, args.device)
     resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None
@@ -325,7 +352,8 @@ def cmd_demo(args) -> dict:
         prompts=[pair_from_dict(DEMO_PROMPTS)], out_dir=args.out_dir, name="size", model=DEFAULT_MODEL,
         config=None, device="cpu", rank=4, alpha=1.0, lr=1e-3, iterations=args.iterations, eta=None,
         resolution=None, batch_size=None, layers="noxattn", seed=0, trajectory_steps=30,
-        trajectory_reuse=20, save_every=0, resume=None, sweep=DEMO_PROMPTS["target"])
+        trajectory_reuse=20, save_every=0, resume=None, sweep=DEMO_PROMPTS["target"],
+        signs="both")  # η 1 and both signs: the recipe that leaks least (README → Disentanglement)
     return cmd_train(ns)
 
 

@@ -127,6 +127,10 @@ def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
     return modules
 
 
+TRAINED_SIGNS = ("plus", "both")
+CONTRASTS = ("pair", "ends")
+REDUCTIONS = ("mean", "sum")
+TRAJECTORY_PROMPTS = ("target", "preservation")
 MAX_ETA = 50.0  # the reference uses 1–4; beyond this the target is dominated by the η term
 
 
@@ -166,9 +170,40 @@ class TrainConfig(RunOptions):
     save_every: int = 0  # 0: only at the end
     max_grad_norm: float = 0.0  # 0: no clipping
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % slower
+    # the push is the mean over preservation attributes (the reference's η scale: it samples one p per
+    # step); "sum" is eq. 8 as printed, η once per attribute (files whose train_config lacks this field)
+    preservation_reduce: str = "mean"
+    # Disentanglement options (issue 13; benchmarks/disentanglement.py measures each against prompting).
+    # "both": every other step trains the LoRA at scale −1 toward the eq. 8 target with −η, so α = −1
+    # is learned instead of extrapolated from +1 (no extra cost per iteration)
+    signs: str = "plus"
+    # "pair": the push is c+ against c- (eq. 8). "ends": each sign's push is its own end against the
+    # neutral prompt, ε(c±⊕p) − ε(c_n⊕p), so η = 1 at α = ±1 is the prompted end, never past it; needs signs="both"
+    contrast: str = "pair"
+    # "preservation": x_t is drawn under c_t ⊕ p, p cycled per trajectory, so the slider trains on
+    # states of every preserved value (the LoRA-on prediction stays at c_t)
+    trajectory_prompts: str = "target"
+    trajectory_slider: bool = False  # x_t drawn with the slider on at the step's scale (the reference's loop)
+    anchors: tuple[str, ...] = ()  # prompts whose LoRA-on prediction is held to the frozen one
+    anchor_weight: float = 1.0
+    # the part of the trajectory x_t is drawn from, 0 = pure noise, 1 = the clean end
+    level_range: tuple[float, float] = (0.0, 1.0)
 
     def validate(self) -> None:
         check_lora_options(self)
+        need(self.signs in TRAINED_SIGNS, f"signs must be one of {TRAINED_SIGNS}, got {self.signs!r}")
+        need(self.preservation_reduce in REDUCTIONS,
+             f"preservation_reduce must be one of {REDUCTIONS}, got {self.preservation_reduce!r}")
+        need(self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}, got {self.contrast!r}")
+        need(self.contrast == "pair" or self.signs == "both",
+             "contrast='ends' trains each end against the neutral prompt: it needs signs='both'")
+        need(self.trajectory_prompts in TRAJECTORY_PROMPTS,
+             f"trajectory_prompts must be one of {TRAJECTORY_PROMPTS}, got {self.trajectory_prompts!r}")
+        need(all(isinstance(a, str) for a in self.anchors), f"anchors must be prompts, got {self.anchors!r}")
+        need(math.isfinite(self.anchor_weight) and self.anchor_weight >= 0,
+             f"anchor_weight must be ≥ 0, got {self.anchor_weight!r}")
+        low, high = self.level_range
+        need(0 <= low < high <= 1, f"level_range must be (low, high) with 0 ≤ low < high ≤ 1, got {self.level_range!r}")
         if self.eta is not None:
             check_eta(self.eta)
         need(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),

@@ -5,7 +5,7 @@ The YAML format accepts the reference implementation's fields so its prompt file
 ``neutral`` (the prompt whose frozen prediction the target is built on; defaults to ``target``),
 ``action`` (enhance | erase), ``guidance_scale`` (η; ``guidance`` is accepted as η too instead of
 being silently ignored), ``resolution``, ``batch_size``, ``dynamic_resolution`` (false only).
-Ours adds ``preservation``: attributes p summed in every step (paper eq. 8). A file may hold one
+Ours adds ``preservation``: attributes p in every step, their pushes averaged (paper eq. 8; see text_slider). A file may hold one
 mapping or a list of them. Unknown keys are an error.
 """
 
@@ -29,7 +29,7 @@ _KNOWN_KEYS = {
 
 @dataclass(frozen=True)
 class PromptPair:
-    """One slider objective: ε*(x_t, c_t) ← ε(x_t, c_n) ± η Σ_p [ε(x_t, c+⊕p) − ε(x_t, c-⊕p)]."""
+    """One slider objective: ε*(x_t, c_t) ← ε(x_t, c_n) ± η mean_p [ε(x_t, c+⊕p) − ε(x_t, c-⊕p)]."""
 
     target: str
     positive: str

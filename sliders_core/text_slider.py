@@ -2,20 +2,23 @@
 
 For x_t from the frozen model partially denoising under c_t, the LoRA-on prediction is regressed onto
 
-    ε_target = ε(x_t, c_n, t) + s·η·Σ_p [ ε(x_t, c+ ⊕ p, t) − ε(x_t, c- ⊕ p, t) ]
+    ε_target = ε(x_t, c_n, t) + s·η·mean_p [ ε(x_t, c+ ⊕ p, t) − ε(x_t, c- ⊕ p, t) ]
 
 (c_n the neutral prompt, usually c_t; s = +1 enhance, −1 erase), with every preservation attribute p
-summed in every step. All frozen predictions of a step share one batched forward; x_t is drawn from
-a recorded frozen trajectory that is reused for `trajectory_reuse` iterations, and each state is
-trained at exactly the noise level it sits at.
+in every step. The paper writes a sum over p; the reference samples one p per step, which is the mean
+in expectation, so η keeps the reference's scale whatever the number of attributes (`preservation_reduce`
+= "sum" is the paper's literal form). All frozen predictions of a step share one batched forward; x_t is
+drawn from a recorded frozen trajectory that is reused for `trajectory_reuse` iterations, and each state
+is trained at exactly the noise level it sits at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,15 +27,16 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .denoiser import Cond, Denoiser, Trajectory
 from .errors import SliderError
-from .prompts import PromptPair
+from .prompts import PromptPair, compose
 from .slider_weights import SliderWeights
 from .training import SliderRun, StepCallback, TrainResult, run_metadata, slider_modules
 
 
 def slider_target(eps_neutral: torch.Tensor, eps_plus: torch.Tensor, eps_minus: torch.Tensor,
-                  eta: float, sign: float) -> torch.Tensor:
+                  eta: float, sign: float, reduce: str = "mean") -> torch.Tensor:
     """Eq. 8. eps_plus/eps_minus are stacked over preservation attributes: [P, B, ...]."""
-    return eps_neutral.float() + sign * eta * (eps_plus.float() - eps_minus.float()).sum(dim=0)
+    push = eps_plus.float() - eps_minus.float()
+    return eps_neutral.float() + sign * eta * (push.mean(dim=0) if reduce == "mean" else push.sum(dim=0))
 
 
 @dataclass
@@ -42,30 +46,50 @@ class _EncodedPair:
     target: Cond  # c_t, for x_t and for the LoRA-on prediction
     frozen: Cond  # [c_n, c+⊕p_1..P, c-⊕p_1..P] for the one batched frozen forward
     n_attrs: int
+    reduce: str = "mean"  # over the preservation attributes: "mean" or "sum"
+    # contrast="ends": per direction (±1), [c_n, c±⊕p_1..P, c_n⊕p_1..P]: each end against the neutral prompt
+    frozen_ends: dict[float, Cond] | None = None
+    trajectory_prompts: list[tuple[str, Cond]] = field(default_factory=list)  # cycled per trajectory
     trajectory: Trajectory | None = None
+    trajectory_prompt: str = ""
     uses: int = 0
+    refreshes: int = 0
 
 
 def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, level: torch.Tensor,
-                  eps_neutral: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 8 target at (x_t, level): every frozen prediction of the step in one batched forward.
-    `eps_neutral`, when given, is ε(x_t, c_n) already computed (the trajectory's own output at x_t)."""
-    prompts = item.frozen if eps_neutral is None else Cond({k: v[1:] for k, v in item.frozen.tensors.items()})
+                  eps_neutral: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Eq. 8 target at (x_t, level) for the LoRA at `scale` (±1): every frozen prediction of the step in
+    one batched forward. `eps_neutral`, when given, is ε(x_t, c_n) already computed (the trajectory's
+    own output at x_t)."""
+    direction = item.pair.sign * scale
+    frozen = item.frozen if item.frozen_ends is None else item.frozen_ends[direction]
+    prompts = frozen if eps_neutral is None else Cond({k: v[1:] for k, v in frozen.tensors.items()})
     batch, n_prompts = x_t.shape[0], len(prompts)
     with torch.no_grad(), denoiser.sliders.disabled():
-        eps = denoiser.predict(x_t.repeat(n_prompts, *[1] * (x_t.dim() - 1)), level.repeat(n_prompts),
+        eps = denoiser.predict(repeat(x_t, n_prompts), level.repeat(n_prompts),
                                prompts.repeat_each(batch))
     eps = eps.view(n_prompts, batch, *eps.shape[1:])
     if eps_neutral is not None:
         eps = torch.cat([eps_neutral.float()[None], eps])
-    return slider_target(eps[0], eps[1:1 + item.n_attrs], eps[1 + item.n_attrs:], item.eta, item.pair.sign)
+    # "ends" stacks [c±⊕p, c_n⊕p]: the end the LoRA moves to, against the neutral prompt
+    return slider_target(eps[0], eps[1:1 + item.n_attrs], eps[1 + item.n_attrs:], item.eta,
+                         direction if item.frozen_ends is None else 1.0, item.reduce)
 
 
-def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None) -> _EncodedPair:
+def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None,
+                trajectory_prompts: str = "target", contrast: str = "pair", reduce: str = "mean") -> _EncodedPair:
     plus, minus = pair.contrast_prompts()
+    neutral = [compose(pair.neutral_prompt, p) for p in pair.preservation or (None,)]
+    ends = None if contrast == "pair" else {
+        1.0: denoiser.encode([pair.neutral_prompt, *plus, *neutral]),
+        -1.0: denoiser.encode([pair.neutral_prompt, *minus, *neutral])}
+    target = denoiser.encode([pair.target])
+    sampled = [pair.target] if trajectory_prompts == "target" or not pair.preservation else [
+        compose(pair.target, p) for p in pair.preservation]
     return _EncodedPair(
-        pair=pair, eta=eta if eta is not None else pair.eta, target=denoiser.encode([pair.target]),
-        frozen=denoiser.encode([pair.neutral_prompt, *plus, *minus]), n_attrs=len(plus))
+        pair=pair, eta=eta if eta is not None else pair.eta, target=target,
+        frozen=denoiser.encode([pair.neutral_prompt, *plus, *minus]), n_attrs=len(plus), frozen_ends=ends, reduce=reduce,
+        trajectory_prompts=[(text, target if text == pair.target else denoiser.encode([text])) for text in sampled])
 
 
 def train_text_slider(
@@ -92,32 +116,73 @@ def train_text_slider(
     host = denoiser.sliders
 
     empty = denoiser.encode([""])
-    encoded = [encode_pair(denoiser, pair, config.eta) for pair in pairs]
+    encoded = [encode_pair(denoiser, pair, config.eta, config.trajectory_prompts, config.contrast,
+                           config.preservation_reduce) for pair in pairs]
+    anchors = denoiser.encode(list(config.anchors)) if config.anchors else None
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()  # every prompt is encoded: free accelerator memory for the UNet
     run.metadata = lambda steps: slider_metadata(denoiser.family, pairs, config, steps, resolution, batch,
                                                  [e.eta for e in encoded])
+    # trajectory indices x_t is drawn from; index 0 (pure noise) is skipped, as the reference does
+    first = max(1, round(config.level_range[0] * config.trajectory_steps))
+    last = max(first + 1, round(config.level_range[1] * config.trajectory_steps))
 
     for step in run.steps():
         item = encoded[step % len(encoded)]
+        # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target
+        scale = -1.0 if config.signs == "both" and (step // len(encoded)) % 2 else 1.0
         if item.trajectory is None or item.uses >= config.trajectory_reuse:
             noise = denoiser.initial_noise(batch, resolution, noise_gen)
-            with host.disabled():
-                item.trajectory = denoiser.sample(item.target, empty, guidance=config.trajectory_guidance,
-                                                  steps=config.trajectory_steps, noise=noise, record=True,
-                                                  callback=run.model_call)
-            item.uses = 0
+            draw_trajectory(denoiser, item, config, empty, noise, name if config.trajectory_slider else None, scale,
+                            run.model_call)
         item.uses += 1
-        k = step_rng.randrange(1, config.trajectory_steps)  # skip pure noise, as the reference does
+        k = step_rng.randrange(first, last)
         x_t, level = item.trajectory.states[k], item.trajectory.levels[k]
-        # c_n = c_t (the usual case): the trajectory already predicted ε(x_t, c_t) with the frozen model
-        reuse = item.pair.neutral_prompt == item.pair.target and len(item.trajectory.cond_outputs) > k
-        target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k] if reuse else None)
-        host.set_scales({name: 1.0})
-        prediction = denoiser.predict(x_t, level, item.target.repeat_each(batch))
-        run.step(step, F.mse_loss(prediction.float(), target))
+        # c_n = the frozen trajectory's prompt (the usual case): it already predicted ε(x_t, c_n)
+        reuse = (item.pair.neutral_prompt == item.trajectory_prompt and not config.trajectory_slider
+                 and len(item.trajectory.cond_outputs) > k)
+        target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k] if reuse else None, scale)
+        if anchors is None:
+            host.set_scales({name: scale})
+            loss = F.mse_loss(denoiser.predict(x_t, level, item.target.repeat_each(batch)).float(), target)
+        else:
+            loss = anchored_loss(denoiser, item, anchors, x_t, level, target, name, scale, config.anchor_weight)
+        run.step(step, loss)
     run.check_effect(slider_effect(denoiser, encoded, empty, name, batch, resolution, config, noise_gen))
     return run.finish()
+
+
+def draw_trajectory(denoiser: Denoiser, item: _EncodedPair, config: TrainConfig, empty: Cond, noise: torch.Tensor,
+                    slider: str | None, scale: float, callback) -> None:
+    """A fresh recorded trajectory for `item`, under its next trajectory prompt (c_t, or c_t ⊕ p in turn),
+    from the frozen model, or with `slider` on at `scale` (the reference's loop)."""
+    item.trajectory_prompt, cond = item.trajectory_prompts[item.refreshes % len(item.trajectory_prompts)]
+    with contextlib.ExitStack() as stack:
+        if slider is None:
+            stack.enter_context(denoiser.sliders.disabled())
+        else:
+            denoiser.sliders.set_scales({slider: scale})
+        item.trajectory = denoiser.sample(cond, empty, guidance=config.trajectory_guidance,
+                                          steps=config.trajectory_steps, noise=noise, record=True, callback=callback)
+    item.uses, item.refreshes = 0, item.refreshes + 1
+
+
+def anchored_loss(denoiser: Denoiser, item: _EncodedPair, anchors: Cond, x_t: torch.Tensor, level: torch.Tensor,
+                  target: torch.Tensor, name: str, scale: float, weight: float) -> torch.Tensor:
+    """The eq. 8 loss plus `weight` × the change the slider makes to each anchor prompt's prediction
+    (as ai-toolkit's anchors), with c_t and the anchors in one LoRA-on forward."""
+    batch, n = x_t.shape[0], 1 + len(anchors)
+    with torch.no_grad(), denoiser.sliders.disabled():
+        frozen = denoiser.predict(repeat(x_t, n - 1), level.repeat(n - 1), anchors.repeat_each(batch)).float()
+    denoiser.sliders.set_scales({name: scale})
+    prediction = denoiser.predict(repeat(x_t, n), level.repeat(n),
+                                  Cond.cat([item.target.repeat_each(batch), anchors.repeat_each(batch)])).float()
+    return F.mse_loss(prediction[:batch], target) + weight * F.mse_loss(prediction[batch:], frozen)
+
+
+def repeat(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, ...] → [n·B, ...], prompt-major, matching `Cond.repeat_each`."""
+    return x.repeat(n, *[1] * (x.dim() - 1))
 
 
 @torch.no_grad()

@@ -136,3 +136,19 @@ def test_discover_with_a_clip_folder(tmp_path, capsys):
                              "--rotation", "pca", "--out-dir", tmp_path / "space")
     assert code == 0, err
     assert summary["rotation"] == "pca" and len(summary["sliders"]) == 2 and Path(summary["sliders"][1]).is_file()
+
+
+def test_train_passes_the_disentanglement_options_into_the_slider_file(tmp_path, prompt_file, sd1_folder, capsys):
+    code, summary, _ = run(capsys, "train", "--model", sd1_folder, "--prompts", prompt_file, "--out-dir", tmp_path,
+                           "--name", "opts", "--iterations", 2, "--resolution", 32, "--signs", "both",
+                           "--trajectory-prompts", "preservation", "--anchor", "a cat", "--anchor-weight", 0.5,
+                           "--level-range", 0.2, 0.9, "--preservation-reduce", "sum")
+    assert code == 0
+    with safe_open(summary["slider"], "pt") as f:
+        config = json.loads(f.metadata()["sliders.train_config"])
+    assert (config["signs"], config["trajectory_prompts"], config["anchors"], config["anchor_weight"],
+            config["level_range"], config["preservation_reduce"]) == (
+        "both", "preservation", ["a cat"], 0.5, [0.2, 0.9], "sum")
+    code, _, err = run(capsys, "train", "--model", sd1_folder, "--prompts", prompt_file, "--out-dir", tmp_path,
+                       "--name", "bad", "--iterations", 2, "--level-range", 0.9, 0.2)
+    assert code == 2 and "level_range" in err

@@ -5,7 +5,7 @@ import torch
 from conftest import random_slider
 
 from sliders_core.config import TrainConfig
-from sliders_core.errors import TrainingDivergedError
+from sliders_core.errors import SliderError, TrainingDivergedError
 from sliders_core.formats import load_slider
 from sliders_core.prompts import PromptPair
 from sliders_core.text_slider import encode_pair, frozen_target, slider_modules, train_text_slider
@@ -20,11 +20,12 @@ def quick_config(**overrides):
     return TrainConfig(**base)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("action", ["enhance", "erase"])
-def test_target_is_eq8_summed_over_every_preservation_prompt(sd1, action):
+def test_target_is_eq8_over_every_preservation_prompt(sd1, action, reduce):
     pair = PromptPair(target=AGE.target, positive=AGE.positive, negative=AGE.negative, eta=2.5,
                       preservation=AGE.preservation, action=action, neutral="a photo")
-    item = encode_pair(sd1, pair)
+    item = encode_pair(sd1, pair, reduce=reduce)
     random_slider(sd1)  # attached but must not take part in the frozen predictions
     sd1.sliders.set_scales({"s": 1.0})
     gen = torch.Generator().manual_seed(1)
@@ -36,7 +37,9 @@ def test_target_is_eq8_summed_over_every_preservation_prompt(sd1, action):
         def eps(prompt):  # one separate forward per prompt, per sample
             return torch.cat([sd1.predict(x_t[i:i + 1], level[i:i + 1], sd1.encode([prompt])) for i in range(2)])
         sign = 1.0 if action == "enhance" else -1.0
-        direct = eps("a photo") + sign * 2.5 * sum(
+        # mean: η keeps the reference's scale (it samples one p per step); sum: eq. 8 as printed
+        weight = 2.5 / len(AGE.preservation) if reduce == "mean" else 2.5
+        direct = eps("a photo") + sign * weight * sum(
             eps(f"a person, old, {p}") - eps(f"a person, young, {p}") for p in AGE.preservation)
     assert torch.allclose(batched, direct, atol=1e-5, rtol=1e-4)
     # and it is not what one sampled attribute (the reference's shortcut) would give
@@ -274,3 +277,131 @@ def test_effect_check_warns_when_the_slider_does_nothing(sd1):
     assert weak.effect < 0.2 and "almost no effect" in weak.warning and "WARNING" in weak.report()
     strong = train_text_slider(sd1, [AGE], quick_config(iterations=6, lr=3e-2), name="strong", progress=False)
     assert strong.effect > weak.effect + 0.1, (strong.effect, weak.effect)
+
+
+# --- disentanglement options (issue 13) ---
+
+def record_trained_scales(denoiser, monkeypatch):
+    """The slider scale of every gradient-carrying forward (the LoRA-on prediction of each step)."""
+    scales, current = [], {}
+    real_set, real_predict = denoiser.sliders.set_scales, denoiser.predict
+
+    def spy_set(s):
+        current.clear()
+        current.update(s)
+        real_set(s)
+
+    def spy_predict(x, level, cond):
+        if torch.is_grad_enabled():
+            scales.append((dict(current), level.clone(), len(cond)))
+        return real_predict(x, level, cond)
+
+    monkeypatch.setattr(denoiser.sliders, "set_scales", spy_set)
+    monkeypatch.setattr(denoiser, "predict", spy_predict)
+    return scales
+
+
+@pytest.mark.parametrize("n_pairs, expected", [(1, [1, -1, 1, -1]), (2, [1, 1, -1, -1])])
+def test_both_signs_alternates_the_trained_scale_per_pass_over_the_pairs(sd1, monkeypatch, n_pairs, expected):
+    scales = record_trained_scales(sd1, monkeypatch)
+    train_text_slider(sd1, [AGE] * n_pairs, quick_config(iterations=4, signs="both"), name="b", progress=False)
+    assert [s["b"] for s, _, _ in scales[:4]] == expected
+
+
+def test_the_minus_one_target_is_eq8_with_the_sign_reversed(sd1):
+    item = encode_pair(sd1, AGE)
+    x_t, level = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([500])
+    with torch.no_grad(), sd1.sliders.disabled():
+        neutral = sd1.predict(x_t, level, sd1.encode([AGE.target])).float()
+    plus, minus = frozen_target(sd1, item, x_t, level), frozen_target(sd1, item, x_t, level, scale=-1.0)
+    assert torch.allclose(minus - neutral, -(plus - neutral), atol=1e-5)
+    assert not torch.allclose(minus, plus, atol=1e-4)
+
+
+def test_preservation_trajectories_cycle_c_t_plus_each_attribute(sd1, monkeypatch):
+    sampled, real_sample = [], sd1.sample
+    texts = {}
+    real_encode = sd1.encode
+
+    def spy_encode(prompts):
+        cond = real_encode(prompts)
+        texts[id(cond)] = list(prompts)
+        return cond
+
+    def spy_sample(cond, *args, **kwargs):
+        sampled.append(texts.get(id(cond)))
+        return real_sample(cond, *args, **kwargs)
+
+    monkeypatch.setattr(sd1, "encode", spy_encode)
+    monkeypatch.setattr(sd1, "sample", spy_sample)
+    item = encode_pair(sd1, AGE, trajectory_prompts="preservation")
+    assert [t for t, _ in item.trajectory_prompts] == ["a person, male", "a person, female", "a person, child"]
+    train_text_slider(sd1, [AGE], quick_config(iterations=9, trajectory_reuse=2, trajectory_prompts="preservation"),
+                      name="p", progress=False)
+    assert sampled[:4] == [["a person, male"], ["a person, female"], ["a person, child"], ["a person, male"]]
+
+
+def test_level_range_draws_only_from_its_part_of_the_trajectory(sd1, monkeypatch):
+    levels = sd1.sample(sd1.encode(["x"]), sd1.encode([""]), guidance=3.0, steps=10,
+                        noise=sd1.initial_noise(1, 32, torch.Generator().manual_seed(0)), record=True).levels
+    allowed = {float(v) for v in levels[5:10]}
+    scales = record_trained_scales(sd1, monkeypatch)
+    train_text_slider(sd1, [AGE], quick_config(iterations=12, trajectory_steps=10, level_range=(0.5, 1.0)),
+                      name="l", progress=False)
+    seen = {float(level[0]) for _, level, _ in scales}
+    assert seen <= allowed and len(seen) > 1
+
+
+def test_anchor_prompts_join_the_lora_on_forward_and_change_the_slider(sd1, monkeypatch):
+    scales = record_trained_scales(sd1, monkeypatch)
+    anchored = train_text_slider(sd1, [AGE], quick_config(anchors=("a cat", "a dog")), name="a", progress=False)
+    assert {n for _, _, n in scales} == {3}  # c_t and both anchors in one forward
+    monkeypatch.undo()
+    plain = train_text_slider(sd1, [AGE], quick_config(), name="n", progress=False)
+    free = train_text_slider(sd1, [AGE], quick_config(anchors=("a cat",), anchor_weight=0.0), name="f", progress=False)
+    assert torch.allclose(flat(free), flat(plain), atol=1e-5)  # weight 0: the same slider (up to batch numerics)
+    assert not torch.allclose(flat(anchored), flat(plain))
+
+
+def flat(result) -> torch.Tensor:
+    return torch.cat([t.flatten().float() for m in result.weights.modules.values() for t in (m.down, m.up)])
+
+
+def test_trajectory_with_the_slider_on_samples_at_the_trained_scale(sd1, monkeypatch):
+    states, real_sample = [], sd1.sample
+
+    def spy_sample(*args, **kwargs):
+        states.append(not sd1.sliders._layers()[0].disable_adapters)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sd1, "sample", spy_sample)
+    on = train_text_slider(sd1, [AGE], quick_config(trajectory_slider=True), name="on", progress=False)
+    off = train_text_slider(sd1, [AGE], quick_config(), name="off", progress=False)
+    assert states[:2] == [True, True] and states[2:4] == [False, False]  # slider on, then the default: off
+    # the first trajectory is drawn with a zero-initialised LoRA up-projection, later ones are not
+    assert not torch.allclose(flat(on), flat(off))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"signs": "minus"}, "signs"), ({"trajectory_prompts": "x"}, "trajectory_prompts"),
+    ({"level_range": (0.5, 0.5)}, "level_range"), ({"anchor_weight": -1.0}, "anchor_weight")])
+def test_bad_disentanglement_options_are_refused(options, message):
+    with pytest.raises(SliderError, match=message):
+        TrainConfig(**options).validate()
+
+
+def test_ends_contrast_pushes_each_sign_toward_its_own_end_against_the_neutral_prompt(sd1):
+    item = encode_pair(sd1, AGE, contrast="ends")
+    x_t, level = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([400])
+    with torch.no_grad(), sd1.sliders.disabled():
+        def eps(prompt):
+            return sd1.predict(x_t, level, sd1.encode([prompt])).float()
+        for scale, end in ((1.0, "a person, old"), (-1.0, "a person, young")):
+            direct = eps("a person") + 2.0 / 3 * sum(eps(f"{end}, {p}") - eps(f"a person, {p}") for p in AGE.preservation)
+            assert torch.allclose(frozen_target(sd1, item, x_t, level, scale=scale), direct, atol=1e-5, rtol=1e-4)
+
+
+def test_ends_contrast_needs_both_signs():
+    with pytest.raises(SliderError, match="signs='both'"):
+        TrainConfig(contrast="ends").validate()
+    TrainConfig(contrast="ends", signs="both").validate()

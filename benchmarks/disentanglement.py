@@ -1,0 +1,267 @@
+"""Does a slider leave the rest of the picture alone? Training variants side by side, against prompting.
+
+Every variant trains one slider on the shapes model (eq. 8, our loop, 300 iterations, the same seed)
+and is measured on the same evaluation seeds at α = −2, −1, +1, +2 against α = 0: the share of
+images whose own attribute changes (and in the right direction), the share that keep each free
+attribute (colour, size, shape, position within 3 px), the mean area, the pixel distance to α = 0
+(the LPIPS stand-in) and ΔCLIP with the shapes encoder, each with a bootstrap 95 % interval over the
+seeds. Prompting the concept ("a small circle" against "a circle", same seeds) is the baseline a
+slider must match: the same change in its own attribute, at least as many free attributes kept.
+
+Variants (TrainConfig options, issue 13): the default; no preservation prompts (the paper's
+ablation); both signs trained; x_t drawn under c_t ⊕ p; x_t drawn with the slider on (the
+reference's loop); an anchor prompt; a level range; ranks 1 and 8; other layer presets; η = 1; and
+the default switched on late (delayed LoRA at inference).
+
+    python benchmarks/disentanglement.py [--seeds 96] [--only size:default size:both-signs]
+    # ≈ 2 min per variant on 2 CPU threads; the JSON is written after every variant and a rerun
+    # skips the variants it already holds (--fresh to start over)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decision_steps import interval  # noqa: E402
+from sliderspace_purity import changed  # noqa: E402
+
+from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
+from sliders_core.config import TrainConfig  # noqa: E402
+from sliders_core.inference import generate  # noqa: E402
+from sliders_core.prompts import PromptPair  # noqa: E402
+from sliders_core.shapes.data import COLORS, SIZES  # noqa: E402
+from sliders_core.shapes.encoder import load_shapes_encoder  # noqa: E402
+from sliders_core.shapes.metrics import measure_batch  # noqa: E402
+from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
+from sliders_core.text_slider import train_text_slider  # noqa: E402
+
+ALPHAS = (-2.0, -1.0, 1.0, 2.0)
+ETA = 2.0  # on the mean push over the preservation attributes, as in slider_quality.py
+FREE = ("size", "colour", "shape", "position")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A slider to train and how to judge it: its prompts, the prompt it is evaluated on, the attribute
+    it owns, the prompts that say its two ends, and the caption ΔCLIP scores."""
+
+    pair: PromptPair
+    eval_prompt: str
+    attribute: str
+    prompted: tuple[str, str]  # (α < 0 end, α > 0 end)
+    caption: str
+    ends: tuple[str, str]  # the attribute's values at the two ends, for "moved the right way"
+    ablation: PromptPair | None = None
+
+
+CONCEPTS = {
+    "size": Concept(
+        PromptPair(target="a circle", positive="a large {p} circle", negative="a small {p} circle",
+                   eta=ETA, preservation=COLORS),
+        "a circle", "size", ("a small circle", "a large circle"), "a large circle", ("small", "large"),
+        ablation=PromptPair(target="a circle", positive="a large circle", negative="a small circle", eta=ETA)),
+    "colour": Concept(
+        PromptPair(target="a circle", positive="a {p} red circle", negative="a {p} blue circle",
+                   eta=ETA, preservation=SIZES),
+        "a circle", "colour", ("a blue circle", "a red circle"), "a red circle", ("blue", "red"),
+        ablation=PromptPair(target="a circle", positive="a red circle", negative="a blue circle", eta=ETA)),
+    "shape": Concept(
+        PromptPair(target="a shape", positive="a {p} square", negative="a {p} circle",
+                   eta=ETA, preservation=COLORS),
+        "a shape", "shape", ("a circle", "a square"), "a square", ("circle", "square"),
+        ablation=PromptPair(target="a shape", positive="a square", negative="a circle", eta=ETA)),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    options: dict = field(default_factory=dict)  # TrainConfig fields
+    ablation: bool = False  # train without the preservation prompts
+    start: float = 0.0  # switch the slider on after this fraction of the sampling steps
+
+
+VARIANTS = {
+    "default": Variant(),
+    "no-preservation": Variant(ablation=True),
+    "both-signs": Variant({"signs": "both"}),
+    "ends, eta 1": Variant({"signs": "both", "contrast": "ends", "eta": 1.0}),
+    "x_t under c_t+p": Variant({"trajectory_prompts": "preservation"}),
+    "x_t slider on": Variant({"trajectory_slider": True}),
+    "anchor empty prompt": Variant({"anchors": ("",)}),
+    "levels 20-100 %": Variant({"level_range": (0.2, 1.0)}),
+    "rank 1": Variant({"rank": 1}),
+    "rank 8": Variant({"rank": 8}),
+    "layers noxattn-ff": Variant({"layers": "noxattn-ff"}),
+    "layers xattn": Variant({"layers": "xattn"}),
+    "eta 1": Variant({"eta": 1.0}),
+    "eta 0.75": Variant({"eta": 0.75}),
+    "eta 1, no-preservation": Variant({"eta": 1.0}, ablation=True),
+    "eta 1, both-signs": Variant({"eta": 1.0, "signs": "both"}),
+    "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
+    "default, on from step 5": Variant(start=0.2),
+}
+# the order of a full run: the candidates most likely to matter first, so a run stopped early says most
+DEFAULT_KEYS = [f"size:{v}" for v in (
+    "default", "no-preservation", "both-signs", "ends, eta 1", "eta 1", "x_t under c_t+p", "anchor empty prompt",
+    "levels 20-100 %", "eta 1, no-preservation", "eta 1, both-signs")] + [
+    f"{c}:{v}" for c in ("colour", "shape") for v in ("default", "eta 1", "eta 1, both-signs", "both-signs")] + [
+    f"size:{v}" for v in ("eta 1, on from step 5", "default, on from step 5", "x_t slider on", "rank 1",
+                          "layers noxattn-ff", "eta 0.75")] + [
+    f"{c}:{v}" for c in ("colour", "shape") for v in ("no-preservation", "eta 1, no-preservation")] + [
+    "size:rank 8", "size:layers xattn"]
+ENCODER = load_shapes_encoder()
+
+
+def measure(images: torch.Tensor, captions) -> dict:
+    return {"m": measure_batch(images.numpy()), "pixels": images.numpy(),
+            "clip": {c: ENCODER.score(images.float(), [c] * len(images)).numpy() for c in captions}}
+
+
+def rates(concept: Concept, base: dict, edited: dict, rng: np.random.Generator, positive: bool) -> dict:
+    """Every number of one row, each as (mean, low, high) over the seeds."""
+    flags = changed(base["m"], edited["m"])
+    attr = concept.attribute
+    field_of = {"size": "size", "colour": "color", "shape": "shape"}[attr]
+    end = concept.ends[1 if positive else 0]
+    own_end = np.array([getattr(m, field_of) == end for m in edited["m"]], float)
+    row = {"own changed": interval(flags[attr], rng), "at the end": interval(own_end, rng),
+           "area": interval(np.array([m.area_fraction for m in edited["m"]]), rng),
+           "pixel L1": interval(np.abs(edited["pixels"] - base["pixels"]).mean(axis=(1, 2, 3)), rng),
+           "ΔCLIP": interval(edited["clip"][concept.caption] - base["clip"][concept.caption], rng)}
+    for free in FREE:
+        if free != attr:
+            row[f"{free} kept"] = interval(1 - flags[free], rng)
+    return row
+
+
+def train(model, concept: Concept, variant: Variant, iterations: int, name: str) -> float:
+    options = dict(variant.options)
+    pair = concept.ablation if variant.ablation else concept.pair
+    if "eta" in options:  # on the pair, so that no-preservation variants get the same push
+        eta = options.pop("eta")
+        pair = dataclasses.replace(pair, eta=eta)
+    config = TrainConfig(iterations=iterations, lr=1e-3, resolution=32, rank=options.pop("rank", 4), seed=0,
+                         **options)
+    return train_text_slider(model, [pair], config, name=name, progress=False).seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=96)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--only", nargs="*", help="concept:variant keys (default: DEFAULT_KEYS)")
+    parser.add_argument("--fresh", action="store_true", help="ignore the rows already in the JSON")
+    parser.add_argument("--report", action="store_true", help="only rewrite the .md from the JSON")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.out / "disentanglement.json"
+    saved = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    rows, prompted = saved.get("rows", {}), saved.get("prompted", {})
+    if args.report:
+        args.seeds, args.iterations = saved["settings"]["seeds"], saved["settings"]["iterations"]
+        return write_report(args, rows, prompted)
+    keys = args.only or DEFAULT_KEYS
+    model = load_diffusers_model(SHAPES_MODEL_DIR)
+    render = {"seeds": list(range(3000, 3000 + args.seeds)), "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
+    rng = np.random.default_rng(0)
+    bases, adapters = {}, {}
+
+    def base_of(concept: Concept) -> dict:
+        if concept.eval_prompt not in bases:
+            bases[concept.eval_prompt] = measure(generate(model, concept.eval_prompt, scales={}, **render),
+                                                 [c.caption for c in CONCEPTS.values()])
+        return bases[concept.eval_prompt]
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps({"settings": {"seeds": args.seeds, "iterations": args.iterations,
+                                                      "eval_seeds": [render["seeds"][0], render["seeds"][-1]]},
+                                         "rows": rows, "prompted": prompted}, indent=1) + "\n")
+        temporary.replace(path)
+
+    for key in keys:
+        concept_name, variant_name = key.split(":", 1)
+        concept, variant = CONCEPTS[concept_name], VARIANTS[variant_name]
+        if key in rows and concept_name in prompted:
+            continue
+        base = base_of(concept)
+        if concept_name not in prompted:
+            prompted[concept_name] = {
+                text: rates(concept, base, measure(generate(model, text, scales={}, **render), [concept.caption]),
+                            rng, positive=side == 1) for side, text in enumerate(concept.prompted)}
+            save()
+        if key in rows:
+            continue
+        started = time.perf_counter()
+        # a variant that differs only in its switch-on step reuses the slider trained with its options
+        training = (concept_name, json.dumps(variant.options, sort_keys=True, default=str), variant.ablation)
+        if training not in adapters:
+            name = f"{concept_name}_{len(adapters)}"
+            adapters[training] = name, train(model, concept, variant, args.iterations, name)
+        name, seconds = adapters[training]
+        rows[key] = {"train seconds": seconds, "alphas": {
+            f"{a:+g}": rates(concept, base, measure(generate(model, concept.eval_prompt, scales={name: a},
+                                                             start=variant.start, **render), [concept.caption]),
+                             rng, positive=a > 0) for a in ALPHAS}}
+        save()
+        one = rows[key]["alphas"]
+        print(f"{key}: {seconds:.0f} s training, {time.perf_counter() - started:.0f} s in all; "
+              + "; ".join(f"α{a}: own {r['own changed'][0]:.2f}, "
+                          + ", ".join(f"{k.split()[0]} {v[0]:.2f}" for k, v in r.items() if k.endswith("kept"))
+                          for a, r in one.items()), flush=True)
+    write_report(args, rows, prompted)
+
+
+def cell(value, percent: bool = True) -> str:
+    mean, low, high = value
+    return f"{mean:.0%} [{low:.0%}, {high:.0%}]" if percent else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def write_report(args, rows: dict, prompted: dict) -> None:
+    lines = [f"# Disentanglement on the shapes model ({args.seeds} evaluation seeds, {args.iterations} training "
+             f"iterations, {DEFAULT_STEPS} sampling steps, CFG {DEFAULT_GUIDANCE})", "",
+             "Every cell: the share of images (or the mean) with its bootstrap 95 % interval over the seeds, "
+             "against α = 0 on the same seeds. *own changed*: the slider's attribute differs from α = 0; "
+             "*at the end*: it shows the value of the slider's end (small/large, blue/red, circle/square). "
+             "Prompting rows compare the prompt that names the end with the slider's evaluation prompt.", ""]
+    for concept_name, concept in CONCEPTS.items():
+        keyed = {k.split(":", 1)[1]: v for k, v in rows.items() if k.startswith(concept_name + ":")}
+        if not keyed:
+            continue
+        free = [f for f in FREE if f != concept.attribute]
+        header = ["variant", "α", "own changed", "at the end", *[f"{f} kept" for f in free], "area", "pixel L1", "ΔCLIP"]
+        lines += [f"## {concept_name} slider (evaluated on \"{concept.eval_prompt}\")", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for side, text in enumerate(concept.prompted):
+            r = prompted[concept_name][text]
+            lines.append(f"| prompting \"{text}\" | {'+' if side else '−'} | " + " | ".join(
+                [cell(r["own changed"]), cell(r["at the end"]), *[cell(r[f"{f} kept"]) for f in free],
+                 cell(r["area"], False), cell(r["pixel L1"], False), f"{r['ΔCLIP'][0]:+.1f}"]) + " |")
+        for variant_name, row in keyed.items():
+            for a, r in row["alphas"].items():
+                lines.append(f"| {variant_name} | {a} | " + " | ".join(
+                    [cell(r["own changed"]), cell(r["at the end"]), *[cell(r[f"{f} kept"]) for f in free],
+                     cell(r["area"], False), cell(r["pixel L1"], False), f"{r['ΔCLIP'][0]:+.1f}"]) + " |")
+        lines += ["", "Training seconds: " + ", ".join(f"{v}: {row['train seconds']:.0f}" for v, row in keyed.items()), ""]
+    (args.out / "disentanglement.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
