@@ -44,12 +44,16 @@ def interval(flags: np.ndarray, rng: np.random.Generator) -> tuple[float, float,
     return float(flags.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def write_json(args, rows) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "decision_steps.json"
+def write_json_atomic(path: Path, data) -> None:
+    """A benchmark's results, whole or not at all: a long run that is stopped keeps its last full write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({"settings": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=1) + "\n")
+    temporary.write_text(json.dumps(data, indent=1) + "\n")
     temporary.replace(path)
+
+
+def write_json(args, rows) -> None:
+    write_json_atomic(args.out / "decision_steps.json", {"settings": {**vars(args), "out": str(args.out)}, "rows": rows})
 
 
 def main() -> None:

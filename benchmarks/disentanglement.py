@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decision_steps import interval  # noqa: E402
+from decision_steps import interval, write_json_atomic  # noqa: E402
 from sliderspace_purity import changed  # noqa: E402
 
 from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
@@ -188,12 +188,9 @@ def main() -> None:
         return bases[concept.eval_prompt]
 
     def save() -> None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"settings": {"seeds": args.seeds, "iterations": args.iterations,
-                                                      "eval_seeds": [render["seeds"][0], render["seeds"][-1]]},
-                                         "rows": rows, "prompted": prompted}, indent=1) + "\n")
-        temporary.replace(path)
+        write_json_atomic(path, {"settings": {"seeds": args.seeds, "iterations": args.iterations,
+                                              "eval_seeds": [render["seeds"][0], render["seeds"][-1]]},
+                                 "rows": rows, "prompted": prompted})
 
     for key in keys:
         concept_name, variant_name = key.split(":", 1)

@@ -28,7 +28,7 @@ from .sliderspace import ROTATIONS, SliderSpaceConfig
 
 EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl")
 DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
-# The demo: a size slider on the shapes model, colours held fixed (η is split over the 4 colours).
+# The demo: a size slider on the shapes model, colours held fixed (η on their mean push).
 DEMO_PROMPTS = {
     "target": "a circle", "positive": "a large {p} circle", "unconditional": "a small {p} circle",
     "guidance_scale": 1.0, "preservation": ["red", "green", "blue", "yellow"],
@@ -232,12 +232,10 @@ def cmd_train(args, model=None) -> dict:
         rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
         resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
         trajectory_steps=args.trajectory_steps, trajectory_reuse=args.trajectory_reuse,
-        save_every=args.save_every, gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
-        **{k: getattr(args, k) for k in ("signs", "trajectory_prompts", "trajectory_slider", "anchor_weight",
-                                         "preservation_reduce")
-           if hasattr(args, k)},
-        **({"anchors": tuple(args.anchors)} if hasattr(args, "anchors") else {}),
-        **({"level_range": tuple(args.level_range)} if hasattr(args, "level_range") else {}))
+        save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing, signs=args.signs,
+        trajectory_prompts=args.trajectory_prompts, trajectory_slider=args.trajectory_slider,
+        anchors=tuple(args.anchors), anchor_weight=args.anchor_weight, level_range=tuple(args.level_range),
+        preservation_reduce=args.preservation_reduce)
     config.validate()
     denoiser = model or load_model(args.model, args.config, args.device)
     resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None
@@ -348,12 +346,11 @@ def cmd_demo(args) -> dict:
     print(f"Main job on the embedded '{DEFAULT_MODEL}' model (trained here, shipped in the repo, no downloads): "
           "a size slider for 'a circle', colours held fixed, then an α sweep (columns α = -2..2, rows = seeds).",
           file=sys.stderr)
-    ns = argparse.Namespace(
-        prompts=[pair_from_dict(DEMO_PROMPTS)], out_dir=args.out_dir, name="size", model=DEFAULT_MODEL,
-        config=None, device="cpu", rank=4, alpha=1.0, lr=1e-3, iterations=args.iterations, eta=None,
-        resolution=None, batch_size=None, layers="noxattn", seed=0, trajectory_steps=30,
-        trajectory_reuse=20, save_every=0, resume=None, sweep=DEMO_PROMPTS["target"],
-        signs="both")  # η 1 and both signs: the recipe that leaks least (README → Disentanglement)
+    # `train`'s own defaults, with the demo's recipe on top: η 1 (DEMO_PROMPTS) and both signs leak least
+    # (README → Disentanglement)
+    ns = build_parser().parse_args(["train", "--prompts", "-", "--name", "size"])
+    ns.__dict__.update(prompts=[pair_from_dict(DEMO_PROMPTS)], out_dir=args.out_dir, model=DEFAULT_MODEL, lr=1e-3,
+                       iterations=args.iterations, layers="noxattn", sweep=DEMO_PROMPTS["target"], signs="both")
     return cmd_train(ns)
 
 
