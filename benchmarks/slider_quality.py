@@ -2,15 +2,18 @@
 
 Every attribute is measured exactly from pixels (sliders_core.shapes.metrics), with fixed seeds and
 the same noise at every α. Sliders trained here (eq. 8, our loop):
-- size     : c_t "a circle", c± "a large/small {p} circle", p over the 4 colours (η 2 on their mean push)
+- size     : c_t "a circle", c± "a large/small {p} circle", p over the 4 colours: the shipped recipe
+             (prompt_sets/shapes_size.yaml: η 1 on their mean push, both signs trained)
 - size-abl : the same without preservation prompts (the paper's disentanglement ablation)
-- colour   : c_t "a circle", c± "a {p} red/blue circle", p over the 3 sizes
+- colour   : c_t "a circle", c± "a {p} red/blue circle", p over the 3 sizes (η 2, plus sign only:
+             prompt_sets/shapes_colour.yaml)
 - size-ref : the size objective without preservation trained by a reference-structured loop
              (benchmarks/forward_budget.py) for the same wall time as `size-abl`
 - size-ff  : `size` on the layer preset `noxattn-ff` (this project's `noxattn` before v0.2) instead
              of the official `noxattn`
 - pair-size, pair-position : image-pair sliders from 6 exact shapes pairs (small → large; shape moved
              left → right, a concept no caption names), empty prompt
+- pair-size-bal : pair-size from 6 balanced pairs (colours and shape types in turn, not drawn)
 
     python benchmarks/slider_quality.py [--iterations 300] [--seeds 48] [--out benchmarks/results]
 """
@@ -46,21 +49,23 @@ from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MO
 from sliders_core.text_slider import train_text_slider  # noqa: E402
 
 ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)
-ETA = 2.0
+SIZE_ETA, COLOUR_ETA = 1.0, 2.0  # the shipped prompt sets' (η on the mean push over preservation attributes)
 EVAL_PROMPT = "a circle"
 SLIDERS = {
     "size": PromptPair(target="a circle", positive="a large {p} circle", negative="a small {p} circle",
-                       eta=ETA, preservation=COLORS),
-    "size-abl": PromptPair(target="a circle", positive="a large circle", negative="a small circle", eta=ETA),
+                       eta=SIZE_ETA, preservation=COLORS),
+    "size-abl": PromptPair(target="a circle", positive="a large circle", negative="a small circle", eta=SIZE_ETA),
     "colour": PromptPair(target="a circle", positive="a {p} red circle", negative="a {p} blue circle",
-                         eta=ETA, preservation=SIZES),
+                         eta=COLOUR_ETA, preservation=SIZES),
 }
+SIGNS = {"size": "both", "size-abl": "both", "size-ff": "both", "colour": "plus"}  # as the shipped sliders
 
 
 # ΔCLIP (the paper's Table 1 efficacy metric) with the shapes world's own image–text encoder: the change
 # of 100 · cos(image, caption) for the caption of the slider's positive side
 TARGET_CAPTION = {"size": "a large circle", "size-abl": "a large circle", "size-ref": "a large circle",
-                  "size-ff": "a large circle", "pair-size": "a large circle", "colour": "a red circle"}
+                  "size-ff": "a large circle", "pair-size": "a large circle", "pair-size-bal": "a large circle",
+                  "colour": "a red circle"}
 SCORED_CAPTIONS = sorted({*TARGET_CAPTION.values(), "a small circle", "a blue circle"})  # + the prompted ones
 ENCODER = load_shapes_encoder()
 
@@ -80,7 +85,8 @@ def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
-PAIR_SLIDERS = {"pair-size": "size", "pair-position": "position"}  # visual sliders from 6 exact shapes pairs
+# visual sliders from 6 exact shapes pairs: (concept, balanced)
+PAIR_SLIDERS = {"pair-size": ("size", False), "pair-size-bal": ("size", True), "pair-position": ("position", False)}
 N_PAIRS = 6
 
 
@@ -128,16 +134,16 @@ def main() -> None:
     train_seconds = {}
     for name, pair in SLIDERS.items():
         config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0,
-                             trajectory_reuse=args.trajectory_reuse)
+                             trajectory_reuse=args.trajectory_reuse, signs=SIGNS[name])
         result = train_text_slider(denoiser, [pair], config, name=name.replace("-", "_"), progress=True)
         train_seconds[name] = result.seconds
         print(f"trained {name}: {result.seconds:.0f} s, loss {result.losses[0]:.4g} → {result.final_loss:.4g}")
     # the old 'noxattn' layer set (now 'noxattn-ff'): same size slider, other layers
     config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0, layers="noxattn-ff",
-                         trajectory_reuse=args.trajectory_reuse)
+                         trajectory_reuse=args.trajectory_reuse, signs=SIGNS["size-ff"])
     train_seconds["size-ff"] = train_text_slider(denoiser, [SLIDERS["size"]], config, name="size_ff").seconds
-    for name, concept in PAIR_SLIDERS.items():
-        a, b = render_concept_pairs(concept, N_PAIRS, seed=0)
+    for name, (concept, balanced) in PAIR_SLIDERS.items():
+        a, b = render_concept_pairs(concept, N_PAIRS, seed=0, balanced=balanced)
         pairs = pairs_from_batches(torch.from_numpy(a), torch.from_numpy(b), 32)
         config = PairTrainConfig(iterations=args.iterations, lr=args.pair_lr, rank=4, seed=0)
         train_seconds[name] = train_pair_slider(denoiser, pairs, config, name=name.replace("-", "_")).seconds
@@ -222,10 +228,13 @@ def write_report(args, results, prompted, combos, held, delayed, base, train_sec
     for (alpha, start), r in delayed.items():
         lines.append(f"| {alpha:+g} | {start:.0%} | {r['area']:.3f} | {r['shape_same']:.0%} | {r['colour_same']:.0%} | "
                      f"{r['centroid_shift_px']:.2f} | {r['pixel_l1']:.3f} |")
-    text, pair = results["size"], results["pair-size"]
-    ratio = {a: (pair[a]["area"] - pair[0.0]["area"]) / (text[a]["area"] - text[0.0]["area"]) for a in (-1.0, 1.0)}
-    lines += ["", f"Pair size slider ({N_PAIRS} pairs) against the text size slider, Δarea at α −1 / +1: "
-              f"{ratio[-1.0]:.0%} / {ratio[1.0]:.0%} of the text slider's.", ""]
+    text = results["size"]
+    for name in ("pair-size", "pair-size-bal"):
+        pair = results[name]
+        ratio = {a: (pair[a]["area"] - pair[0.0]["area"]) / (text[a]["area"] - text[0.0]["area"]) for a in (-1.0, 1.0)}
+        lines += ["", f"{name} ({N_PAIRS} pairs) against the text size slider, Δarea at α −1 / +1: "
+                  f"{ratio[-1.0]:.0%} / {ratio[1.0]:.0%} of the text slider's."]
+    lines.append("")
     lines += ["", "## Training cost", "", "| slider | seconds | iterations |", "|---|---|---|"]
     for name, seconds in train_seconds.items():
         lines.append(f"| {name} | {seconds:.0f} | {args.iterations} |")

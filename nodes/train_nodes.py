@@ -9,7 +9,14 @@ import time
 
 import torch
 
-from ..sliders_core.config import LAYER_PRESETS, PairTrainConfig, TrainConfig, layer_presets_help, parse_numbers
+from ..sliders_core.config import (
+    LAYER_PRESETS,
+    TRAINED_SIGNS,
+    PairTrainConfig,
+    TrainConfig,
+    layer_presets_help,
+    parse_numbers,
+)
 from ..sliders_core.formats import load_slider, safe_output_path
 from ..sliders_core.image_pairs import pairs_from_batches
 from ..sliders_core.inference import alpha_strip
@@ -96,17 +103,20 @@ class TrainTextSlider(TrainingNode):
                     "preservation attributes. On the shapes model η 1 leaks least (README → Disentanglement)."}),
             **training_inputs(iterations=500, slider_name="my_slider",
                               resolution_tooltip="Training image size."),
-        }, "optional": OPTIONAL_TRAINING_INPUTS, "hidden": HIDDEN_INPUTS}
+        }, "optional": {**OPTIONAL_TRAINING_INPUTS, "signs": (list(TRAINED_SIGNS), {"default": "plus", "tooltip":
+                        "plus: train the slider at α = +1 (the paper; −1 is extrapolated). both: every other step "
+                        "trains α = −1 towards the negative end too, at no extra cost; on the shapes size slider "
+                        "it keeps the shape at α −2 (README → Disentanglement)."})}, "hidden": HIDDEN_INPUTS}
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
               iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False,
-              preview_every=0, unique_id=None):
+              preview_every=0, signs="plus", unique_id=None):
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
         config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta,
                              resolution=resolution or None,
                              layers=layers, seed=seed, save_every=save_every,
-                             gradient_checkpointing=gradient_checkpointing)
+                             gradient_checkpointing=gradient_checkpointing, signs=signs)
         config.validate()
 
         def run(denoiser, resume, out, on_step):

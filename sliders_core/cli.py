@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--count", type=int, default=6)
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--resolution", type=int, default=32)
+    mp.add_argument("--balanced", action="store_true",
+                    help="colours and shape types in turn instead of drawn: leaks less, moves less (README)")
     mp.add_argument("--out", required=True, help="folder to create (A/ and B/ inside)")
 
     gen = sub.add_parser("generate", help="render with one or several sliders at given strengths")
@@ -332,12 +334,12 @@ def cmd_make_pairs(args) -> dict:
 
     if args.count < 1:
         raise SliderError("--count must be ≥ 1")
-    a, b = render_concept_pairs(args.concept, args.count, args.seed, args.resolution)
+    a, b = render_concept_pairs(args.concept, args.count, args.seed, args.resolution, args.balanced)
     root = Path(args.out)
     for side, images in (("A", a), ("B", b)):
         for i, image in enumerate(images):
             _write_png(Image.fromarray((image * 255).round().astype("uint8")), root / side / f"{i:03d}.png")
-    return {"pairs": str(root), "concept": args.concept, "count": args.count}
+    return {"pairs": str(root), "concept": args.concept, "count": args.count, "balanced": args.balanced}
 
 
 def cmd_demo(args) -> dict:

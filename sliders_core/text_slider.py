@@ -8,8 +8,8 @@ For x_t from the frozen model partially denoising under c_t, the LoRA-on predict
 in every step. The paper writes a sum over p; the reference samples one p per step, which is the mean
 in expectation, so η keeps the reference's scale whatever the number of attributes (`preservation_reduce`
 = "sum" is the paper's literal form). All frozen predictions of a step share one batched forward; x_t is
-drawn from a recorded frozen trajectory that is reused for `trajectory_reuse` iterations, and each state
-is trained at exactly the noise level it sits at.
+drawn from a recorded frozen trajectory that is reused for `trajectory_reuse` iterations (a state drawn
+again reuses its frozen predictions), and each state is trained at exactly the noise level it sits at.
 """
 
 from __future__ import annotations
@@ -52,28 +52,45 @@ class _EncodedPair:
     trajectory_prompts: list[tuple[str, Cond]] = field(default_factory=list)  # cycled per trajectory
     trajectory: Trajectory | None = None
     trajectory_prompt: str = ""
+    # frozen predictions at the current trajectory's states, by (state index, direction): a state drawn
+    # again (≈ 1 in 4 draws at 20 uses of 29 states) costs no frozen forward; cleared with the trajectory
+    frozen_outputs: dict = field(default_factory=dict)
     uses: int = 0
     refreshes: int = 0
 
 
 def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, level: torch.Tensor,
-                  eps_neutral: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+                  eps_neutral: torch.Tensor | None = None, scale: float = 1.0, state: int | None = None) -> torch.Tensor:
     """Eq. 8 target at (x_t, level) for the LoRA at `scale` (±1): every frozen prediction of the step in
     one batched forward. `eps_neutral`, when given, is ε(x_t, c_n) already computed (the trajectory's
-    own output at x_t)."""
+    own output at x_t). `state`, when given, is x_t's index in item's trajectory: its frozen predictions
+    are kept for the next time that state is drawn."""
     direction = item.pair.sign * scale
     frozen = item.frozen if item.frozen_ends is None else item.frozen_ends[direction]
     prompts = frozen if eps_neutral is None else Cond({k: v[1:] for k, v in frozen.tensors.items()})
     batch, n_prompts = x_t.shape[0], len(prompts)
-    with torch.no_grad(), denoiser.sliders.disabled():
-        eps = denoiser.predict(repeat(x_t, n_prompts), level.repeat(n_prompts),
-                               prompts.repeat_each(batch))
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad(), denoiser.sliders.disabled():
+            return denoiser.predict(repeat(x_t, n_prompts), level.repeat(n_prompts), prompts.repeat_each(batch))
+
+    key = None if state is None else (state, direction if item.frozen_ends is not None else 0.0, eps_neutral is None)
+    eps = cached(item.frozen_outputs, key, predict)
     eps = eps.view(n_prompts, batch, *eps.shape[1:])
     if eps_neutral is not None:
         eps = torch.cat([eps_neutral.float()[None], eps])
     # "ends" stacks [c±⊕p, c_n⊕p]: the end the LoRA moves to, against the neutral prompt
     return slider_target(eps[0], eps[1:1 + item.n_attrs], eps[1 + item.n_attrs:], item.eta,
                          direction if item.frozen_ends is None else 1.0, item.reduce)
+
+
+def cached(cache: dict, key, compute):
+    """cache[key], computed once; key None: computed and not kept."""
+    if key is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None,
@@ -141,12 +158,13 @@ def train_text_slider(
         # c_n = the frozen trajectory's prompt (the usual case): it already predicted ε(x_t, c_n)
         reuse = (item.pair.neutral_prompt == item.trajectory_prompt and not config.trajectory_slider
                  and len(item.trajectory.cond_outputs) > k)
-        target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k] if reuse else None, scale)
+        target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k] if reuse else None, scale,
+                               state=k)
         if anchors is None:
             host.set_scales({name: scale})
             loss = F.mse_loss(denoiser.predict(x_t, level, item.target.repeat_each(batch)).float(), target)
         else:
-            loss = anchored_loss(denoiser, item, anchors, x_t, level, target, name, scale, config.anchor_weight)
+            loss = anchored_loss(denoiser, item, anchors, x_t, level, target, name, scale, config.anchor_weight, k)
         run.step(step, loss)
     run.check_effect(slider_effect(denoiser, encoded, empty, name, batch, resolution, config, noise_gen))
     return run.finish()
@@ -165,15 +183,20 @@ def draw_trajectory(denoiser: Denoiser, item: _EncodedPair, config: TrainConfig,
         item.trajectory = denoiser.sample(cond, empty, guidance=config.trajectory_guidance,
                                           steps=config.trajectory_steps, noise=noise, record=True, callback=callback)
     item.uses, item.refreshes = 0, item.refreshes + 1
+    item.frozen_outputs.clear()
 
 
 def anchored_loss(denoiser: Denoiser, item: _EncodedPair, anchors: Cond, x_t: torch.Tensor, level: torch.Tensor,
-                  target: torch.Tensor, name: str, scale: float, weight: float) -> torch.Tensor:
+                  target: torch.Tensor, name: str, scale: float, weight: float, state: int | None = None) -> torch.Tensor:
     """The eq. 8 loss plus `weight` × the change the slider makes to each anchor prompt's prediction
     (as ai-toolkit's anchors), with c_t and the anchors in one LoRA-on forward."""
     batch, n = x_t.shape[0], 1 + len(anchors)
-    with torch.no_grad(), denoiser.sliders.disabled():
-        frozen = denoiser.predict(repeat(x_t, n - 1), level.repeat(n - 1), anchors.repeat_each(batch)).float()
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad(), denoiser.sliders.disabled():
+            return denoiser.predict(repeat(x_t, n - 1), level.repeat(n - 1), anchors.repeat_each(batch)).float()
+
+    frozen = cached(item.frozen_outputs, None if state is None else (state, "anchors"), predict)
     denoiser.sliders.set_scales({name: scale})
     prediction = denoiser.predict(repeat(x_t, n), level.repeat(n),
                                   Cond.cat([item.target.repeat_each(batch), anchors.repeat_each(batch)])).float()

@@ -29,9 +29,10 @@ def _batch(n=4, side=32, seed=0):
 
 
 # -- shapes pairs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("concept", ["size", "position"])
-def test_shapes_pairs_differ_only_in_the_concept(concept):
-    a, b = render_concept_pairs(concept, 12, seed=3)
+def test_shapes_pairs_differ_only_in_the_concept(concept, balanced):
+    a, b = render_concept_pairs(concept, 12, seed=3, balanced=balanced)
     ma, mb = measure_batch(a), measure_batch(b)
     assert [m.color for m in ma] == [m.color for m in mb]
     assert [m.shape for m in ma] == [m.shape for m in mb]
@@ -43,6 +44,19 @@ def test_shapes_pairs_differ_only_in_the_concept(concept):
         assert np.allclose([m.area_fraction for m in ma], [m.area_fraction for m in mb], atol=0.01)
         assert np.allclose([m.cy for m in ma], [m.cy for m in mb], atol=1e-6)
     assert concept_pair_specs(concept, 5, 1) == concept_pair_specs(concept, 5, 1)
+
+
+def test_balanced_pairs_take_every_colour_and_shape_in_turn_and_stay_in_frame():
+    from sliders_core.shapes.data import COLORS, SHAPES
+
+    specs = [a for a, _ in concept_pair_specs("size", 12, seed=0, balanced=True)]
+    assert [s.color for s in specs] == [COLORS[i % 4] for i in range(12)]
+    assert [s.shape for s in specs] == [SHAPES[i % 3] for i in range(12)]
+    drawn = [a for a, _ in concept_pair_specs("size", 12, seed=0)]
+    assert len({s.color for s in drawn[:6]}) < 4  # what balancing is for: 6 drawn pairs miss a colour
+    a, b = render_concept_pairs("size", 12, seed=0, balanced=True)
+    measured = measure_batch(a) + measure_batch(b)
+    assert [m.shape for m in measured] == [s.shape for s in specs] * 2  # every shape whole, read back exactly
 
 
 # -- data -----------------------------------------------------------------------------------------

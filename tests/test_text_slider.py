@@ -210,8 +210,38 @@ def test_forward_budget_per_iteration(sd1):
     pair = PromptPair(target="a person", positive="a person, old", negative="a person, young")
     config = TrainConfig(iterations=40, resolution=32)  # default trajectory settings
     result = train_text_slider(sd1, [pair], config, progress=False)
-    # 3 frozen + 1 LoRA + a 30-step CFG trajectory amortised over 20 iterations = 7
+    # ≤ 2 frozen (c+, c−; none for a state drawn again) + 1 LoRA + a 30-step CFG trajectory amortised over
+    # 20 iterations (3) = at most 6, plus the effect check's share
     assert result.unet_samples_per_iteration <= 8
+
+
+@pytest.mark.parametrize("options", [{}, {"signs": "both", "contrast": "ends"}, {"anchors": ("a cat",)}])
+def test_a_state_drawn_again_reuses_its_frozen_predictions_and_trains_the_same(sd1, monkeypatch, options):
+    import random
+
+    from sliders_core import text_slider
+    config = quick_config(iterations=8, trajectory_steps=4, trajectory_reuse=8, **options)
+    rng = random.Random(config.seed)  # the trainer's draws of the trajectory state
+    draws = [rng.randrange(1, 4) for _ in range(config.iterations)]
+    # each sign of "ends" has its own frozen prompts, so a state is shared only within a sign
+    signs = [1.0 if "signs" not in options or step % 2 == 0 else -1.0 for step in range(config.iterations)]
+    repeats = config.iterations - len(set(zip(draws, signs)))
+    assert repeats > 0  # the seed must draw some state twice for this test to mean anything
+
+    def run(name):
+        calls = []
+        real = sd1.predict
+        monkeypatch.setattr(sd1, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+        result = train_text_slider(sd1, [AGE], config, name=name, progress=False)
+        monkeypatch.setattr(sd1, "predict", real)
+        return result, len(calls)
+
+    kept, kept_calls = run("kept")
+    monkeypatch.setattr(text_slider, "cached", lambda cache, key, compute: compute())
+    fresh, fresh_calls = run("fresh")
+    assert fresh_calls - kept_calls == repeats * (2 if options.get("anchors") else 1)
+    assert kept.losses == fresh.losses
+    assert torch.equal(flat(kept), flat(fresh))
 
 
 def test_reference_style_list_of_pairs_round_robins_with_own_eta(sd1, monkeypatch):

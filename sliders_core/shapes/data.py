@@ -161,14 +161,20 @@ PAIR_CONCEPTS = ("size", "position")
 PAIR_SHIFT = 3 / 32  # position pairs: A this far left of centre, B this far right (the data's jitter range)
 
 
-def concept_pair_specs(concept: str, n: int, seed: int) -> list[tuple[ShapeSpec, ShapeSpec]]:
+def concept_pair_specs(concept: str, n: int, seed: int, balanced: bool = False) -> list[tuple[ShapeSpec, ShapeSpec]]:
     """n (A, B) spec pairs. size: A small, B large; position: A left, B right (a concept no caption
-    names). Everything else (colour, shape, the other coordinates) is drawn once and shared."""
+    names). Everything else (colour, shape, the other coordinates) is drawn once and shared.
+    `balanced`: colours and shape types in turn instead of drawn, so that none is over-represented
+    (a few drawn pairs can be mostly red squares, and the slider then pushes towards red squares)."""
     if concept not in PAIR_CONCEPTS:
         raise ValueError(f"concept must be one of {PAIR_CONCEPTS}, got {concept!r}")
     rng = np.random.default_rng(seed)
     pairs = []
-    for spec in random_specs(rng, n):
+    for i, spec in enumerate(random_specs(rng, n)):
+        if balanced:
+            shape, area = SHAPES[i % len(SHAPES)], SIZE_AREA[spec.size]  # the same box, the new shape's centroid
+            cy = spec.cy - _centroid_below_box_centre(spec.shape, area) + _centroid_below_box_centre(shape, area)
+            spec = ShapeSpec(spec.size, COLORS[i % len(COLORS)], shape, spec.cx, cy)
         if concept == "size":
             a = ShapeSpec("small", spec.color, spec.shape, spec.cx, spec.cy)
             b = ShapeSpec("large", spec.color, spec.shape, spec.cx, spec.cy)
@@ -179,7 +185,8 @@ def concept_pair_specs(concept: str, n: int, seed: int) -> list[tuple[ShapeSpec,
     return pairs
 
 
-def render_concept_pairs(concept: str, n: int, seed: int, resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def render_concept_pairs(concept: str, n: int, seed: int, resolution: int = 32,
+                         balanced: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(A images, B images), each [n, H, W, 3] float32 in 0..1."""
-    pairs = concept_pair_specs(concept, n, seed)
+    pairs = concept_pair_specs(concept, n, seed, balanced)
     return render_batch([a for a, _ in pairs], resolution), render_batch([b for _, b in pairs], resolution)
