@@ -1,6 +1,6 @@
 """ComfyUI nodes: thin adapters over sliders_core. ComfyUI itself is imported only inside node methods."""
 
-from .apply_nodes import ApplySlider, LoadSlider, SliderStack
+from .apply_nodes import ApplySlider, LoadSlider, SliderMixer, SliderStack
 from .discover_nodes import DiscoverSliders, SelectSlider
 from .image_nodes import LoadImagePairs
 from .inversion_nodes import InversionSampler, LoadInversion, NullTextInvert, SaveInversion
@@ -18,6 +18,7 @@ _NODES = {
     "ConceptSlidersLoad": (LoadSlider, "Load Slider"),
     "ConceptSlidersApply": (ApplySlider, "Apply Slider with Alpha"),
     "ConceptSlidersStack": (SliderStack, "Slider Stack"),
+    "ConceptSlidersMixer": (SliderMixer, "Slider Mixer"),
     "ConceptSlidersDelayedSampler": (DelayedLoraSampler, "Delayed-LoRA Sampler"),
     "ConceptSlidersSweep": (SliderSweep, "Slider Sweep"),
     "ConceptSlidersNullTextInvert": (NullTextInvert, "Null-Text Invert"),

@@ -4,28 +4,62 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..sliders_core.config import parse_numbers
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import read_state_dict, to_kohya_state_dict
+from ..sliders_core.inference import parse_slider_mix
 from .common import ALPHA_LIMIT, CATEGORY, SLIDER, SliderFile, check_alpha, lora_files, lora_path
 
 ALPHA_INPUT = ("FLOAT", {"default": 1.0, "min": -ALPHA_LIMIT, "max": ALPHA_LIMIT, "step": 0.05,
                          "tooltip": "Slider strength α: 0 = base model, negative moves the other way."})
 
 
-def apply_slider(model, slider: SliderFile, alpha: float):
-    """A clone of MODEL with the slider as static patches at strength α (exactly what LoraLoader does)."""
+def apply_sliders(model, sliders):
+    """One clone of MODEL with every (slider, α) as static patches, exactly what chained LoraLoaders do.
+    ComfyUI folds all patches into the weights once when it loads the model, so sampling costs the same
+    with fifty sliders as with one."""
     import comfy.lora
 
-    alpha = check_alpha(alpha)
-    weights = slider.resolve(model)  # family and fit checks, any key form → diffusers paths
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    loaded = comfy.lora.load_lora(to_kohya_state_dict(weights), key_map)
-    if len(loaded) != len(weights.modules):
-        raise SliderError(f"only {len(loaded)} of {len(weights.modules)} modules of slider '{slider.name}' "
-                          "fit this MODEL: it was made for another model")
     patched = model.clone()
-    patched.add_patches(loaded, alpha)
+    for slider, alpha in sliders:
+        alpha = check_alpha(alpha)
+        weights = slider.resolve(model)  # family and fit checks, any key form → diffusers paths
+        loaded = comfy.lora.load_lora(to_kohya_state_dict(weights), key_map)
+        if len(loaded) != len(weights.modules):
+            raise SliderError(f"only {len(loaded)} of {len(weights.modules)} modules of slider '{slider.name}' "
+                              "fit this MODEL: it was made for another model")
+        patched.add_patches(loaded, alpha)
     return patched
+
+
+def apply_slider(model, slider: SliderFile, alpha: float):
+    return apply_sliders(model, [(slider, alpha)])
+
+
+def resolve_lora_name(name: str, files: list[str]) -> str:
+    """A name as a user writes it ('sliders/age', 'age.safetensors', 'age') → one listed file; only
+    listed files can match, so a name never reaches outside the loras folder."""
+    wanted = name.replace("\\", "/")
+    listed = {f.replace("\\", "/"): f for f in files}
+    matches = [f for key, f in listed.items() if wanted in (key, str(Path(key).with_suffix("")))]
+    if not matches:
+        matches = [f for key, f in listed.items() if Path(wanted).name in (Path(key).name, Path(key).stem)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise SliderError(f"no slider file {name!r} in models/loras or the pack ({len(files)} files listed)")
+    raise SliderError(f"{name!r} matches several files: {sorted(matches)}; write the folder too")
+
+
+def mix_from_text(text: str) -> list[tuple[SliderFile, float]]:
+    files = lora_files()
+    mix = []
+    for name, alpha in parse_slider_mix(text):
+        found = resolve_lora_name(name, files)
+        tensors, metadata = read_state_dict(lora_path(found))
+        mix.append((SliderFile(tensors, metadata, Path(found).stem), alpha))
+    return mix
 
 
 class LoadSlider:
@@ -98,3 +132,54 @@ class SliderStack:
             if slider is not None:
                 model = apply_slider(model, slider, kwargs.get(f"alpha_{i}", 1.0))
         return (model,)
+
+
+class SliderMixer:
+    DESCRIPTION = ("Applies any number of sliders, each at its own strength, in one node: lines 'name: α' naming "
+                   "files in models/loras (or the pack's), a list from Discover Sliders, or both. ComfyUI folds "
+                   "them into the weights once, so sampling with fifty sliders costs what sampling with one does.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The model with every slider of the mix applied.", "Each slider applied, with its α.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to apply the sliders to."}),
+            "mix": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                "One slider per line, 'name: α', e.g. 'sliders/age: 1.5' (the .safetensors may be left out; "
+                "a bare file name works when it is unique). '#' starts a comment; a line without α means 1.")}),
+        }, "optional": {
+            "sliders": ("SLIDERS", {"tooltip": "A list of sliders, e.g. what Discover Sliders found."}),
+            "alphas": ("STRING", {"default": "1.0", "tooltip": (
+                "Strengths for the list: one α for all, or one per slider in order, comma separated.")}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, model=None, mix="", sliders=None, alphas="1.0"):
+        """Re-read the mix's files when one of them changes (a slider retrained under its name)."""
+        stamps = [mix, alphas]
+        try:
+            files = lora_files()
+            for name, _ in parse_slider_mix(mix):
+                stat = lora_path(resolve_lora_name(name, files)).stat()
+                stamps.append(f"{stat.st_mtime_ns}-{stat.st_size}")
+        except Exception:  # a bad line or missing file: apply() reports it
+            pass
+        return "|".join(stamps)
+
+    def apply(self, model, mix, sliders=None, alphas="1.0"):
+        chosen = mix_from_text(mix)
+        if sliders:
+            values = parse_numbers(alphas, "alphas")
+            if len(values) == 1:
+                values = values * len(sliders)
+            if len(values) != len(sliders):
+                raise SliderError(f"{len(values)} alphas for {len(sliders)} sliders: give one α for all or one per slider")
+            chosen += list(zip(sliders, values))
+        if not chosen:
+            raise SliderError("the mix is empty: write 'name: α' lines or connect a list of sliders")
+        report = "\n".join(f"{slider.name}: {alpha:g}" for slider, alpha in chosen)
+        return (apply_sliders(model, chosen), f"{len(chosen)} sliders\n{report}")

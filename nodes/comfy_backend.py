@@ -191,6 +191,11 @@ class ComfySliderHost:
         self.scales.clear()
         self.scales.update({k: float(v) for k, v in scales.items()})
 
+    def merging(self) -> contextlib.AbstractContextManager[None]:
+        """Sliders stay live weight wrappers here: static composition in the graph goes through the host's
+        own patches (Apply Slider, Slider Mixer), which ComfyUI folds into the weights itself."""
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         saved = dict(self.scales)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from . import distributed
 from .config import (
     LAYER_PRESETS,
     REDUCTIONS,
@@ -200,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of the steps sampled without sliders (reference for real images: 0.5)")
     ed.add_argument("--out", required=True, help="PNG path")
 
+    many = sub.add_parser("train-many", help="train every slider of a job file, across processes (torchrun)")
+    many.add_argument("jobs", help="job file (YAML): model, output, defaults, sliders (see README)")
+    many.add_argument("--processes", type=int, default=1,
+                      help="worker processes on this machine (one per GPU); under torchrun the launcher decides")
+    many.add_argument("--max-restarts", type=int, default=3, help="times the launcher restarts the workers")
+    many.add_argument("--threads", type=int, help="CPU threads per process (default: the cores shared out)")
+
     info = sub.add_parser("info", help="show a slider file's keys and metadata")
     info.add_argument("file")
     info.add_argument("--model", help="also check it loads on this model")
@@ -230,6 +239,7 @@ def cmd_train(args, model=None) -> dict:
 
     pairs = load_prompt_set(args.prompts) if isinstance(args.prompts, (str, Path)) else args.prompts
     out = safe_output_path(args.out_dir, args.name)
+    distributed.init_process_group()  # under torchrun: one slider, data-parallel over the batch
     config = TrainConfig(
         rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
         resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
@@ -251,6 +261,17 @@ def cmd_train(args, model=None) -> dict:
     if args.sweep:
         summary["sweep"] = _sweep_trained(denoiser, args.sweep, out, config.resolution)
     return summary
+
+
+def cmd_train_many(args) -> dict:
+    from .many import launch, load_jobs, train_many
+
+    if "TORCHELASTIC_RUN_ID" in os.environ or args.processes <= 1:  # a worker (torchrun) or one process
+        return train_many(args.jobs, threads=args.threads)
+    spec = load_jobs(args.jobs)  # a bad job file fails here, before any process starts
+    launch(args.jobs, args.processes, args.max_restarts, args.threads)
+    return {"output": str(spec.output), "processes": args.processes,
+            "sliders": sorted(p.stem for p in spec.output.glob("*.safetensors"))}
 
 
 def cmd_train_pairs(args, model=None) -> dict:
@@ -443,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     command = {"demo": cmd_demo, "train": cmd_train, "train-pairs": cmd_train_pairs, "make-pairs": cmd_make_pairs,
                "discover": cmd_discover, "generate": cmd_generate, "sweep": cmd_sweep, "invert": cmd_invert, "edit": cmd_edit,
-               "info": cmd_info}
+               "train-many": cmd_train_many, "info": cmd_info}
     started = time.perf_counter()
     try:
         summary = command[args.command](args)
@@ -451,5 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0

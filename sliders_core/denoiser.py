@@ -97,6 +97,10 @@ class SliderHost(Protocol):
     def disabled(self) -> contextlib.AbstractContextManager[None]:
         """Context in which the model runs frozen, as if no slider were attached."""
 
+    def merging(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which set_scales may fold sliders into the weights, so sampling costs the same
+        whatever their number; sliders whose scale changes inside it stay live; restored on exit."""
+
     def parameters(self, name: str) -> list[torch.nn.Parameter]: ...
 
     def export(self, name: str) -> SliderWeights: ...

@@ -16,6 +16,8 @@ from .denoiser import Cond, Denoiser, SampleCallback, SliderSchedule
 from .errors import SliderError
 from .formats import load_slider
 
+_NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+
 
 @dataclass(frozen=True)
 class SliderSpec:
@@ -28,9 +30,27 @@ class SliderSpec:
     def parse(text: str) -> SliderSpec:
         """'file.safetensors:1.5' or 'file.safetensors' (α = 1)."""
         path, sep, alpha = text.rpartition(":")
-        if not sep or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", alpha):
+        if not sep or not re.fullmatch(_NUMBER, alpha):
             return SliderSpec(Path(text), 1.0)
         return SliderSpec(Path(path), float(alpha))
+
+
+def parse_slider_mix(text: str) -> list[tuple[str, float]]:
+    """A slider mix as text, one slider per line, 'name: α' (or just 'name' for α = 1); blank lines and
+    '#' comments are skipped. Names are returned as written, for the caller to resolve."""
+    mix = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, alpha = line.rpartition(":")
+        if not sep:
+            name, alpha = line, "1"
+        name, alpha = name.strip(), alpha.strip()
+        if not name or not re.fullmatch(_NUMBER, alpha):
+            raise SliderError(f"line {number} of the slider mix, {line!r}: write 'name: α', e.g. 'sliders/age.safetensors: 1.5'")
+        mix.append((name, float(alpha)))
+    return mix
 
 
 def attach_slider_file(denoiser: Denoiser, path: str | Path, name: str | None = None) -> str:
@@ -75,12 +95,11 @@ def generate(denoiser: Denoiser, prompt: str, *, scales: dict[str, float], seeds
     noise = torch.cat([denoiser.initial_noise(1, resolution, torch.Generator().manual_seed(s)) for s in seeds])
     cond, uncond = denoiser.encode([prompt]), denoiser.encode([negative_prompt])
     schedule = delayed_schedule(scales, start)
-    try:
+    # the sliders folded into the weights at their switch-on step: one slider or fifty, the same cost
+    with denoiser.sliders.merging():
         trajectory = denoiser.sample(cond, uncond, guidance=guidance, steps=steps, noise=noise,
                                      slider_schedule=schedule, progress=progress, callback=callback,
                                      generator=torch.Generator().manual_seed(seeds[0]))
-    finally:
-        denoiser.sliders.set_scales({})
     return denoiser.decode(trajectory.final)
 
 

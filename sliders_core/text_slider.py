@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .config import TrainConfig
 from .denoiser import Cond, Denoiser, Trajectory
 from .errors import SliderError
@@ -128,6 +129,7 @@ def train_text_slider(
     batch = config.batch_size or pairs[0].batch_size or 1
     run = SliderRun(denoiser, name, config, resume=resume,
                     checkpoint_path=checkpoint_path, callback=callback, progress=progress)
+    share = distributed.batch_share(batch)  # data-parallel: this process's samples of the batch (all in one process)
     noise_gen = torch.Generator().manual_seed(config.seed)
     step_rng = random.Random(config.seed)
     host = denoiser.sliders
@@ -154,17 +156,20 @@ def train_text_slider(
                             run.model_call)
         item.uses += 1
         k = step_rng.randrange(first, last)
-        x_t, level = item.trajectory.states[k], item.trajectory.levels[k]
+        # data-parallel: every rank draws the whole batch's trajectory (a stochastic sampler's noise then
+        # matches one process's) and trains on its share of it
+        x_t, level = item.trajectory.states[k][share], item.trajectory.levels[k][share]
         # c_n = the frozen trajectory's prompt (the usual case): it already predicted ε(x_t, c_n)
         reuse = (item.pair.neutral_prompt == item.trajectory_prompt and not config.trajectory_slider
                  and len(item.trajectory.cond_outputs) > k)
-        target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k] if reuse else None, scale,
-                               state=k)
+        target = frozen_target(denoiser, item, x_t, level, item.trajectory.cond_outputs[k][share] if reuse else None,
+                               scale, state=k)
         if anchors is None:
             host.set_scales({name: scale})
-            loss = F.mse_loss(denoiser.predict(x_t, level, item.target.repeat_each(batch)).float(), target)
+            loss = F.mse_loss(run.predict(x_t, level, item.target.repeat_each(x_t.shape[0])).float(), target)
         else:
-            loss = anchored_loss(denoiser, item, anchors, x_t, level, target, name, scale, config.anchor_weight, k)
+            loss = anchored_loss(denoiser, item, anchors, x_t, level, target, name, scale, config.anchor_weight, k,
+                                 run.predict)
         run.step(step, loss)
     run.check_effect(slider_effect(denoiser, encoded, empty, name, batch, resolution, config, noise_gen))
     return run.finish()
@@ -187,7 +192,8 @@ def draw_trajectory(denoiser: Denoiser, item: _EncodedPair, config: TrainConfig,
 
 
 def anchored_loss(denoiser: Denoiser, item: _EncodedPair, anchors: Cond, x_t: torch.Tensor, level: torch.Tensor,
-                  target: torch.Tensor, name: str, scale: float, weight: float, state: int | None = None) -> torch.Tensor:
+                  target: torch.Tensor, name: str, scale: float, weight: float, state: int | None = None,
+                  trained_predict=None) -> torch.Tensor:
     """The eq. 8 loss plus `weight` × the change the slider makes to each anchor prompt's prediction
     (as ai-toolkit's anchors), with c_t and the anchors in one LoRA-on forward."""
     batch, n = x_t.shape[0], 1 + len(anchors)
@@ -198,7 +204,7 @@ def anchored_loss(denoiser: Denoiser, item: _EncodedPair, anchors: Cond, x_t: to
 
     frozen = cached(item.frozen_outputs, None if state is None else (state, "anchors"), predict)
     denoiser.sliders.set_scales({name: scale})
-    prediction = denoiser.predict(repeat(x_t, n), level.repeat(n),
+    prediction = (trained_predict or denoiser.predict)(repeat(x_t, n), level.repeat(n),
                                   Cond.cat([item.target.repeat_each(batch), anchors.repeat_each(batch)])).float()
     return F.mse_loss(prediction[:batch], target) + weight * F.mse_loss(prediction[batch:], frozen)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .config import preset_modules
 from .denoiser import Denoiser
 from .errors import SliderError, TrainingDivergedError
@@ -80,6 +80,7 @@ class SliderRun:
         self.host.add(name, resume, modules=slider_modules(denoiser, config.layers), rank=config.rank,
                       alpha=config.alpha, trainable=True)
         self.params = self.host.parameters(name)
+        self.ddp = distributed.wrap(self.params)  # under torchrun: gradients averaged across processes
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         self.metadata: Callable[[int], dict[str, str]] = lambda steps: {}  # set by the algorithm
         self.result = TrainResult(weights=SliderWeights({}))
@@ -112,15 +113,19 @@ class SliderRun:
         if self.callback is not None:
             self.callback(self.last_good_step, self.config.iterations, float("nan"))
 
+    def predict(self, *args) -> torch.Tensor:
+        """denoiser.predict for the step's trained (slider-on) forward: through DDP when data-parallel."""
+        return self.denoiser.predict(*args) if self.ddp is None else self.ddp(self.denoiser.predict, *args)
+
     def step(self, step: int, loss: torch.Tensor) -> None:
         """Backward and one optimiser step on `loss`; stops (keeping the last good weights) on NaN/inf."""
-        if not torch.isfinite(loss):
+        if not distributed.all_finite(loss):
             self.stop_diverged(step, "loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
+        if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):  # the same on every rank
             self.stop_diverged(step, "gradients")
         self.optimizer.step()
         self.result.losses.append(loss.item())
@@ -138,7 +143,8 @@ class SliderRun:
         return weights
 
     def save(self, path: str | Path, steps: int) -> None:
-        save_slider(self.export(steps), path)  # atomic
+        if distributed.is_main():  # data-parallel ranks hold the same weights: one writes
+            save_slider(self.export(steps), path)  # atomic
 
     def stop_diverged(self, step: int, what: str) -> None:
         saved = ""
@@ -161,7 +167,7 @@ class SliderRun:
     def finish(self) -> TrainResult:
         self.host.set_scales({})
         self.result.weights = self.export(self.config.iterations)
-        if self.checkpoint_path:
+        if self.checkpoint_path and distributed.is_main():
             save_slider(self.result.weights, self.checkpoint_path)
         return self.result
 

@@ -812,3 +812,66 @@ def test_cancel_in_discover_acts_within_one_step_and_keeps_the_finished_sliders(
         mm.interrupt_current_processing(False)
     folder = loras / "sliders" / "a_shape"
     assert (folder / "a_shape_0.safetensors").is_file() and not (folder / "a_shape_1.safetensors").exists()
+
+
+def _random_slider_file(patcher, name, seed, scale=0.05):
+    """A slider with random weights on every noxattn module of this MODEL, as a SliderFile."""
+    from concept_sliders_pack.nodes.comfy_backend import ComfySliderHost, module_names
+    from concept_sliders_pack.sliders_core.config import preset_modules
+
+    host = ComfySliderHost(patcher.clone(), module_names(patcher))
+    host.add(name, modules=preset_modules(host.lora_candidates(), "noxattn"), rank=2, alpha=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    weights = host.export(name)
+    for module in weights.modules.values():
+        module.down.copy_(torch.randn(module.down.shape, generator=gen) * scale)
+        module.up.copy_(torch.randn(module.up.shape, generator=gen) * scale)
+    weights.metadata = {"sliders.family": "sd1"}
+    return SliderFile.from_weights(weights, name)
+
+
+def test_slider_mixer_equals_chained_apply_nodes_from_text_and_from_a_list(loras):
+    from safetensors.torch import save_file
+
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    sliders = [_random_slider_file(patcher, f"m{i}", seed=i) for i in range(5)]
+    (loras / "sliders").mkdir()
+    for s in sliders[:3]:
+        save_file(s.tensors, str(loras / "sliders" / f"{s.name}.safetensors"), metadata=s.metadata)
+    C["folder_paths"].filename_list_cache.clear()
+    alphas = [1.5, -0.5, 2.0, 0.75, -1.0]
+    mixer = NODE_CLASS_MAPPINGS["ConceptSlidersMixer"]()
+    with torch.inference_mode():
+        chained = patcher
+        for s, a in zip(sliders, alphas):
+            chained = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(chained, s, a)[0]
+        mixed, report = mixer.apply(patcher, "sliders/m0.safetensors: 1.5\n# a comment\nsliders/m1: -0.5\n\nm2:2",
+                                    sliders=sliders[3:], alphas="0.75, -1")
+    assert report.splitlines()[0] == "5 sliders" and "m1: -0.5" in report
+    out_chained, out_mixed, out_base = forward(chained, clip), forward(mixed, clip), forward(patcher, clip)
+    assert torch.allclose(out_mixed, out_chained, atol=1e-6)
+    assert not torch.allclose(out_mixed, out_base)
+    # one α for the whole list
+    with torch.inference_mode():
+        all_one = mixer.apply(patcher, "", sliders=sliders[3:], alphas="0.75")[0]
+        chained = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, sliders[3], 0.75)[0]
+        chained = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(chained, sliders[4], 0.75)[0]
+    assert torch.allclose(forward(all_one, clip), forward(chained, clip), atol=1e-6)
+
+
+def test_slider_mixer_bad_input_names_the_line_or_the_file(loras):
+    patcher = comfy_support.tiny_sd15_patcher()
+    mixer = NODE_CLASS_MAPPINGS["ConceptSlidersMixer"]()
+    slider = _random_slider_file(patcher, "x", seed=0)
+    with pytest.raises(SliderError, match="line 2"):
+        mixer.apply(patcher, "concept-sliders-pack/shapes_size: 1\nage: lots")
+    with pytest.raises(SliderError, match="no slider file '../../etc/passwd'"):
+        mixer.apply(patcher, "../../etc/passwd: 1")
+    with pytest.raises(SliderError, match="empty"):
+        mixer.apply(patcher, "# nothing\n")
+    with pytest.raises(SliderError, match="3 alphas for 1 sliders"):
+        mixer.apply(patcher, "", sliders=[slider], alphas="1, 2, 3")
+    with pytest.raises(ValueError, match="outside"):
+        mixer.apply(patcher, "", sliders=[slider], alphas="50")
+    with pytest.raises(FamilyMismatchError):  # a shapes slider on an SD1.5 MODEL
+        mixer.apply(patcher, "concept-sliders-pack/shapes_size: 1")

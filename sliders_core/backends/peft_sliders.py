@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
@@ -15,9 +16,28 @@ from ..errors import SliderError
 from ..slider_weights import LoraModule, SliderWeights, modules_to_attach
 
 
+@dataclass
+class _Merge:
+    """What `PeftSliderHost.merging` has folded into the base weights, and which sliders run live."""
+
+    merged: dict[str, float] = field(default_factory=dict)  # slider → the scale its weights are folded in at
+    live: set[str] = field(default_factory=set)  # sliders whose scale changed inside the block: live from then on
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights before any fold, on the CPU
+
+    def split(self, scales: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """scales → (to fold into the weights, to run live). A folded slider whose scale changes (or that
+        is switched off) goes live: a per-step schedule re-folds nothing, only its own sliders stay live."""
+        for name, scale in self.merged.items():
+            if scales.get(name) != scale:
+                self.live.add(name)
+        folded = {n: a for n, a in scales.items() if n not in self.live}
+        return folded, {n: a for n, a in scales.items() if n in self.live}
+
+
 class PeftSliderHost:
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
+        self._merge: _Merge | None = None
         self._trainable: set[str] = set()
         self._names: list[str] = []
         # the peft layers, and the adapter set they were last switched to: found once per add/remove,
@@ -69,6 +89,8 @@ class PeftSliderHost:
         self.set_scales({})
 
     def remove(self, name: str) -> None:
+        if self._merge is not None:
+            raise SliderError("cannot remove a slider while sliders are merged into the weights")
         if name not in self._names:
             raise SliderError(f"no slider named {name!r}")
         self.unet.delete_adapters(name)
@@ -80,6 +102,9 @@ class PeftSliderHost:
         unknown = set(scales) - set(self._names)
         if unknown:
             raise SliderError(f"unknown slider(s) {sorted(unknown)}; attached: {self._names}")
+        if self._merge is not None:
+            folded, scales = self._merge.split(scales)
+            self._fold(folded)
         active = tuple(scales)
         layers = self._layers()
         if active != self._active:  # switching adapters is the costly part: only when the set changes
@@ -96,7 +121,51 @@ class PeftSliderHost:
                 layer.set_scale(name, float(scale))  # a no-op on layers the slider does not cover
 
     @contextlib.contextmanager
+    def merging(self) -> Iterator[None]:
+        """Inside the block, set_scales folds the sliders into the base weights (peft's delta weights,
+        summed in float32) instead of running one LoRA branch per slider in every forward: sampling
+        costs the same with fifty sliders as with one. A slider whose scale then changes (a per-step
+        schedule) leaves the fold and runs live. On exit the base weights are copied back bit for bit
+        and every slider is off. The copy of each touched weight is kept on the CPU meanwhile."""
+        if self._merge is not None:
+            raise SliderError("sliders are already being merged")
+        self.set_scales({})
+        self._merge = _Merge()
+        try:
+            yield
+        finally:
+            merge, self._merge = self._merge, None
+            with torch.no_grad():
+                for path, layer in self._named_layers():
+                    if path in merge.originals:
+                        layer.get_base_layer().weight.copy_(merge.originals[path])
+            self.set_scales({})
+
+    @torch.no_grad()
+    def _fold(self, folded: dict[str, float]) -> None:
+        """Base weights = originals + Σ scale · ΔW over `folded`, recomputed from the originals (no drift)."""
+        merge = self._merge
+        if folded == merge.merged:
+            return
+        touched = set(folded) | set(merge.merged)
+        for path, layer in self._named_layers():
+            names = [n for n in touched if n in layer.lora_A]
+            if not names:
+                continue
+            weight = layer.get_base_layer().weight
+            original = merge.originals.setdefault(path, weight.detach().to("cpu", copy=True))
+            total = original.to(weight.device, torch.float32, copy=True)  # never the original itself
+            for name in names:
+                if name in folded:
+                    layer.set_scale(name, float(folded[name]))
+                    total += layer.get_delta_weight(name).float()
+            weight.copy_(total.to(weight.dtype))
+        merge.merged = dict(folded)
+
+    @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
+        if self._merge is not None:  # the weights hold merged sliders: they are not the frozen model's
+            raise SliderError("the frozen model is not available while sliders are merged into the weights")
         layers = self._layers()
         was_disabled = [layer.disable_adapters for layer in layers]
         for layer in layers:
