@@ -691,6 +691,9 @@ def test_shapes_workflow_runs_as_shipped_and_moves_its_concept(server, name, tmp
         assert (base["colour"] == "blue").all(), base["colour"]  # the prompt is "a blue circle"
         assert both["area"].mean() > 1.5 * base["area"].mean()  # the size slider at +1 ...
         assert (both["colour"] == "red").all(), both["colour"]  # ... and the colour slider at +1.5, together
+        mixed = pixels(by_title["Slider Mixer, same seeds"][0])  # one Mixer node builds the same model
+        chained = pixels(by_title["Both sliders, same seeds"][0])
+        assert (mixed == chained).all(), f"max |mixer - chained| = {abs(mixed.astype(int) - chained).max()}"
     elif "delayed" in name:
         delayed = shapes_measures(by_title["Delayed: the base model's layout kept"])
         plain = shapes_measures(by_title["Plain: the slider from the first step"])
