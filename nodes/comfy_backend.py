@@ -191,10 +191,15 @@ class ComfySliderHost:
         self.scales.clear()
         self.scales.update({k: float(v) for k, v in scales.items()})
 
-    def merging(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def merging(self) -> Iterator[None]:
         """Sliders stay live weight wrappers here: static composition in the graph goes through the host's
-        own patches (Apply Slider, Slider Mixer), which ComfyUI folds into the weights itself."""
-        return contextlib.nullcontext()
+        own patches (Apply Slider, Slider Mixer), which ComfyUI folds into the weights itself. Every slider
+        is off on exit, as on the other backend."""
+        try:
+            yield
+        finally:
+            self.set_scales({})
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

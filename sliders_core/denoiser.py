@@ -99,7 +99,8 @@ class SliderHost(Protocol):
 
     def merging(self) -> contextlib.AbstractContextManager[None]:
         """Context in which set_scales may fold sliders into the weights, so sampling costs the same
-        whatever their number; sliders whose scale changes inside it stay live; restored on exit."""
+        whatever their number; sliders whose scale changes inside it stay live. On exit the weights are
+        restored and every slider is off."""
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]: ...
 

@@ -177,10 +177,11 @@ def embedding_change(denoiser: Denoiser, embedder: ImageEmbedder, name: str, lat
 def train_sliderspace(denoiser: Denoiser, embedder: ImageEmbedder, images: ConceptImages, directions: torch.Tensor,
                       explained: torch.Tensor, concept: str, config: SliderSpaceConfig, *, name: str = "direction",
                       resume: Sequence[SliderWeights | None] = (), checkpoint_dir: str | Path | None = None,
-                      callback: StepCallback | None = None, progress: bool = True) -> list[TrainResult]:
+                      callback: StepCallback | None = None, progress: bool = True,
+                      only: Sequence[int] | None = None) -> list[TrainResult]:
     """One slider per direction, trained one after another and left attached as `<name>_<j>`.
     `resume[j]` continues direction j's slider (one that is complete is kept as it is); `callback`
-    counts the steps of all K sliders together."""
+    counts the steps of all K sliders together; `only`: just these directions (one process's share)."""
     config.validate()
     if len(directions) != len(explained):
         raise SliderError(f"{len(directions)} directions but {len(explained)} explained variances")
@@ -189,6 +190,8 @@ def train_sliderspace(denoiser: Denoiser, embedder: ImageEmbedder, images: Conce
     total = len(directions) * config.iterations
     results = []
     for j, direction in enumerate(directions):
+        if only is not None and j not in only:
+            continue
         slider = f"{name}_{j}"
         prior = resume[j] if j < len(resume) else None
         if prior is not None:

@@ -875,3 +875,14 @@ def test_slider_mixer_bad_input_names_the_line_or_the_file(loras):
         mixer.apply(patcher, "", sliders=[slider], alphas="50")
     with pytest.raises(FamilyMismatchError):  # a shapes slider on an SD1.5 MODEL
         mixer.apply(patcher, "concept-sliders-pack/shapes_size: 1")
+
+
+def test_generate_on_the_comfy_backend_leaves_every_slider_off():
+    from concept_sliders_pack.sliders_core.inference import generate
+
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    denoiser = ComfyDenoiser(patcher, clip, comfy_support.tiny_vae())
+    denoiser.sliders.add("g", _random_slider_file(patcher, "g", seed=1).resolve(patcher))
+    with torch.inference_mode():
+        generate(denoiser, "a person", scales={"g": 1.0}, seeds=[0], steps=2, guidance=2.0, resolution=64)
+    assert denoiser.sliders.scales == {}

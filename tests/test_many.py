@@ -119,11 +119,38 @@ def test_bad_job_files_say_what_is_wrong(tmp_path):
         "needs 'model'": {"sliders": [{"name": "a", "prompts": "p.yaml"}]},
         "exactly one of": {"model": "shapes", "output": "o", "sliders": [{"name": "a"}]},
         "unknown option": {"model": "shapes", "output": "o", "sliders": [{"name": "a", "prompts": "p", "ranks": 2}]},
+        "in 'defaults'": {"model": "shapes", "output": "o", "defaults": {"itertions": 5},
+                          "sliders": [{"name": "a", "prompts": "p"}]},
+        "'a_0' appears twice": {"model": "shapes", "output": "o", "sliders": [{"name": "a_0", "prompts": "p"},
+                                                                           {"name": "a", "sliderspace": "a shape"}]},
         "appears twice": {"model": "shapes", "output": "o", "sliders": [{"name": "a", "prompts": "p"},
                                                                           {"name": "a", "prompts": "p"}]},
         "name": {"model": "shapes", "output": "o", "sliders": [{"name": "../up", "prompts": "p"}]},
     }
+    cases["no prompt set at"] = {"model": "shapes", "output": "o", "sliders": [{"name": "a", "prompts": "missing.yaml"}]}
+    (tmp_path / "p").write_text("")
     for message, data in cases.items():
         path.write_text(json.dumps(data))
         with pytest.raises(SliderError, match=message):
             load_jobs(path)
+
+
+def test_sliderspace_directions_split_over_two_ranks_equal_one_discover_run(tmp_path):
+    settings = dict(k=2, images=6, iterations=3, batch_size=2)
+    assert cli_main(["discover", "--concept", "a shape", "--k", "2", "--images", "6", "--iterations", "3",
+                     "--batch-size", "2", "--out-dir", str(tmp_path / "discover")]) == 0
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(json.dumps({"model": "shapes", "output": "library",
+                                "defaults": {"iterations": 99, "eta": 2.0},  # text-only keys are not SliderSpace's
+                                "sliders": [{"name": "shape", "sliderspace": "a shape", **settings}]}))
+    proc = torchrun("--nproc-per-node=2", "-m", "sliders_core", "train-many", str(jobs), "--threads", "1")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    ranks = {e["slider"]: e["rank"] for e in events(tmp_path / "library") if e["event"] == "finished"}
+    assert ranks == {"shape_0": 0, "shape_1": 1}
+    for j in range(2):
+        a = read_state_dict(tmp_path / "discover" / f"a_shape_{j}.safetensors")
+        b = read_state_dict(tmp_path / "library" / f"shape_{j}.safetensors")
+        assert b[1]["sliders.kind"] == "sliderspace" and b[1]["sliders.direction"] == str(j)
+        assert b[1]["sliders.steps"] == "3"
+        assert a[0].keys() == b[0].keys() and all(torch.allclose(a[0][k], b[0][k], atol=1e-6) for k in a[0])
