@@ -110,6 +110,9 @@ VARIANTS = {
     "eta 0.75": Variant({"eta": 0.75}),
     "eta 1, no-preservation": Variant({"eta": 1.0}, ablation=True),
     "eta 1, both-signs": Variant({"eta": 1.0, "signs": "both"}),
+    # the shipped recipe with 2 instead of 3 trajectory samples per iteration (issue 15's speed levers)
+    "eta 1, both-signs, reuse 30": Variant({"eta": 1.0, "signs": "both", "trajectory_reuse": 30}),
+    "eta 1, both-signs, 20 trajectory steps": Variant({"eta": 1.0, "signs": "both", "trajectory_steps": 20}),
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }
