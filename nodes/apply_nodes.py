@@ -136,7 +136,8 @@ class SliderStack:
 
 class SliderMixer:
     DESCRIPTION = ("Applies any number of sliders, each at its own strength, in one node: lines 'name: α' naming "
-                   "files in models/loras (or the pack's), a list from Discover Sliders, or both. ComfyUI folds "
+                   "files in models/loras (or the pack's), a list from Discover Sliders, one more slider, or all "
+                   "of these. ComfyUI folds "
                    "them into the weights once, so sampling with fifty sliders costs what sampling with one does.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
@@ -155,12 +156,14 @@ class SliderMixer:
             "sliders": ("SLIDERS", {"tooltip": "A list of sliders, e.g. what Discover Sliders found."}),
             "alphas": ("STRING", {"default": "1.0", "tooltip": (
                 "Strengths for the list: one α for all, or one per slider in order, comma separated.")}),
+            "slider": (SLIDER, {"tooltip": "One more slider, e.g. from Load Slider or a Train node."}),
+            "alpha": ALPHA_INPUT,
         }}
 
     @classmethod
-    def IS_CHANGED(cls, model=None, mix="", sliders=None, alphas="1.0"):
+    def IS_CHANGED(cls, model=None, mix="", sliders=None, alphas="1.0", slider=None, alpha=1.0):
         """Re-read the mix's files when one of them changes (a slider retrained under its name)."""
-        stamps = [mix, alphas]
+        stamps = [mix, alphas, str(alpha)]
         try:
             files = lora_files()
             for name, _ in parse_slider_mix(mix):
@@ -170,7 +173,7 @@ class SliderMixer:
             pass
         return "|".join(stamps)
 
-    def apply(self, model, mix, sliders=None, alphas="1.0"):
+    def apply(self, model, mix, sliders=None, alphas="1.0", slider=None, alpha=1.0):
         chosen = mix_from_text(mix)
         if sliders:
             values = parse_numbers(alphas, "alphas")
@@ -179,7 +182,9 @@ class SliderMixer:
             if len(values) != len(sliders):
                 raise SliderError(f"{len(values)} alphas for {len(sliders)} sliders: give one α for all or one per slider")
             chosen += list(zip(sliders, values))
+        if slider is not None:
+            chosen.append((slider, alpha))
         if not chosen:
-            raise SliderError("the mix is empty: write 'name: α' lines or connect a list of sliders")
+            raise SliderError("the mix is empty: write 'name: α' lines or connect a slider or a list of sliders")
         report = "\n".join(f"{slider.name}: {alpha:g}" for slider, alpha in chosen)
         return (apply_sliders(model, chosen), f"{len(chosen)} sliders\n{report}")

@@ -846,8 +846,8 @@ def test_slider_mixer_equals_chained_apply_nodes_from_text_and_from_a_list(loras
         for s, a in zip(sliders, alphas):
             chained = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(chained, s, a)[0]
         mixed, report = mixer.apply(patcher, "sliders/m0.safetensors: 1.5\n# a comment\nsliders/m1: -0.5\n\nm2:2",
-                                    sliders=sliders[3:], alphas="0.75, -1")
-    assert report.splitlines()[0] == "5 sliders" and "m1: -0.5" in report
+                                    sliders=sliders[3:4], alphas="0.75", slider=sliders[4], alpha=-1.0)
+    assert report.splitlines()[0] == "5 sliders" and "m1: -0.5" in report and "m4: -1" in report
     out_chained, out_mixed, out_base = forward(chained, clip), forward(mixed, clip), forward(patcher, clip)
     assert torch.allclose(out_mixed, out_chained, atol=1e-6)
     assert not torch.allclose(out_mixed, out_base)
