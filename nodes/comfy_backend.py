@@ -32,7 +32,7 @@ from comfy.clip_model import CLIPEmbeddings, CLIPTextModel
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.weight_adapter.lora import LoraDiff
 
-from ..sliders_core.config import classify_unet_module
+from ..sliders_core.config import classify_dit_module, classify_unet_module, is_dit
 from ..sliders_core.denoiser import Cond, SampleCallback, SliderSchedule, Trajectory
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import UnetNaming
@@ -42,8 +42,10 @@ if TYPE_CHECKING:
     from ..sliders_core.inversion import Inversion
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
-             "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega", "Shapes": "shapes"}
-_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "shapes": 32}
+             "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega", "Shapes": "shapes",
+             "Flux": "flux", "FluxSchnell": "flux-schnell"}
+_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "shapes": 32, "flux": 1024, "flux-schnell": 1024}
+FLUX_GUIDANCE = 3.5  # the distilled guidance Flux-dev runs at when no FluxGuidance node sets one (ComfyUI's default)
 _LATENT_DOWNSCALE = {"shapes": 1}  # the shapes model is pixel space; the other families have an 8× VAE
 # inversion levels: "normal" starts at t = 999, where the cosine schedule has ᾱ ≈ 2e-9 and DDIM
 # divides by √ᾱ; ddim_uniform starts at t = 961 (the CLI's 'leading' spacing)
@@ -62,10 +64,14 @@ def latent_downscale(patcher) -> int:
 
 
 def module_names(patcher) -> dict[str, str]:
-    """diffusers module path → LDM module path for every slider-capable layer, from ComfyUI's own map."""
+    """diffusers module path → LDM module path for every slider-capable layer, from ComfyUI's own map.
+    Flow transformers (Flux) are named by the host's own module paths on both sides: they are what its
+    `lora_unet_…` and `diffusion_model.…` keys name, and diffusers' split q/k/v have no module here."""
+    modules = dict(patcher.model.diffusion_model.named_modules())
+    if is_dit(modules):
+        return {path: path for path, module in modules.items() if isinstance(module, torch.nn.Linear)}
     unet_config = patcher.model.model_config.unet_config
     mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers param → LDM param
-    modules = dict(patcher.model.diffusion_model.named_modules())
     names = {}
     for diffusers_param, ldm_param in mapping.items():
         if not (diffusers_param.endswith(".weight") and ldm_param.endswith(".weight")):
@@ -123,7 +129,8 @@ class ComfySliderHost:
     def __init__(self, patcher, names: dict[str, str]):
         self.patcher = patcher
         self.names_map = names
-        self._kinds = {p: classify_unet_module(p) for p in names}
+        classify = classify_dit_module if is_dit(names) else classify_unet_module
+        self._kinds = {p: classify(p) for p in names}
         self.scales: dict[str, float] = {}
         self._adapters: dict[str, dict[str, SliderDiff]] = {}
         self.changed = True
@@ -242,6 +249,14 @@ class ComfyDenoiser:
         self.forward_count = 0
         self.ddim_scheduler = _DDIM_SCHEDULER.get(self.family, "normal")  # the host's sigmas for ddim_levels
         self._grad_ready = False
+        unet_config = self.model.model_config.unet_config
+        self.dit = is_dit(names)
+        # Flux is sampled without CFG: dev takes its (distilled) guidance as an input, schnell needs none
+        self.cfg_free = unet_config.get("image_model") == "flux"
+        self.guidance_input = FLUX_GUIDANCE if unet_config.get("guidance_embed") else None
+        self._residual_norms = [m for path, m in self.model.diffusion_model.named_modules()
+                                if self.dit and path.startswith(("double_blocks.", "single_blocks."))
+                                and isinstance(m, torch.nn.LayerNorm)]
 
     @property
     def device(self) -> torch.device:
@@ -288,17 +303,30 @@ class ComfyDenoiser:
         x = x_t.to(device)
         sigma = level.to(device)
         kwargs = {}
-        if self.model.adm_channels:
+        if self.model.adm_channels or self.dit:  # SDXL's size-and-pooled vector; Flux's pooled CLIP vector
             h, w = x.shape[-2] * self.downscale, x.shape[-1] * self.downscale
             kwargs["y"] = self.model.encode_adm(pooled_output=cond.tensors["pooled"].to(device), width=w, height=h,
                                                 target_width=w, target_height=h, device=device).to(dtype)
+        if self.guidance_input is not None:
+            kwargs["guidance"] = torch.full((x.shape[0],), self.guidance_input, device=device)
         self.forward_count += x.shape[0]
-        x0 = self.model.apply_model(x, sigma, c_crossattn=cond.tensors["context"].to(device, dtype), **kwargs)
+        # Flux's blocks add residuals in place (txt += …, x += …) into tensors their norms keep for the
+        # backward; with gradients, each norm gets its own copy of its input (hooks removed afterwards)
+        norms = self._residual_norms if self.dit and torch.is_grad_enabled() else []
+        handles = [n.register_forward_pre_hook(_copy_input) for n in norms]
+        try:
+            x0 = self.model.apply_model(x, sigma, c_crossattn=cond.tensors["context"].to(device, dtype), **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
         return ((x - x0.float()) / sigma.view(-1, *[1] * (x.dim() - 1))).float()
 
     def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
-        levels = len(self.model.model_config.unet_config.get("channel_mult", (1, 2, 4, 4)))
-        multiple = self.downscale * 2 ** (levels - 1)
+        unet_config = self.model.model_config.unet_config
+        if self.dit:
+            multiple = self.downscale * unet_config.get("patch_size", 2)
+        else:
+            multiple = self.downscale * 2 ** (len(unet_config.get("channel_mult", (1, 2, 4, 4))) - 1)
         if resolution < multiple or resolution % multiple:
             raise SliderError(f"resolution {resolution} must be a positive multiple of {multiple} for this model")
         channels = self.model.latent_format.latent_channels
@@ -341,7 +369,8 @@ class ComfyDenoiser:
                generator: torch.Generator | None = None, progress: bool = False,
                callback: SampleCallback | None = None) -> Trajectory:
         """Deterministic Euler (DDIM-equivalent) sampling on the model's own sigma schedule, with the
-        MODEL's post-CFG functions."""
+        MODEL's post-CFG functions. Flux runs without CFG (`guidance` and `uncond` are not used): dev at
+        its distilled guidance input."""
         self.load()
         sigmas = comfy.samplers.calculate_sigmas(self.model.model_sampling, "normal", steps).float()
         per_step = not isinstance(uncond, Cond)
@@ -359,7 +388,7 @@ class ComfyDenoiser:
                     self.sliders.set_scales(scales)
             sigma = sigmas[i].expand(batch)
             u = (uncond[i] if per_step else uncond).for_batch(batch)
-            if guidance == 1.0:
+            if guidance == 1.0 or self.cfg_free:
                 eps = eps_u = eps_c = self.predict(x, sigma, c)
             else:
                 eps_u, eps_c = self.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([u, c])).chunk(2)
@@ -402,8 +431,9 @@ class ComfyDenoiser:
 
     def model_signature(self) -> list[float]:
         modules = self.model.diffusion_model
+        ends = ("img_in", "final_layer.linear") if self.dit else ("conv_in", "conv_out")
         return [float(modules.get_submodule(self.sliders.names_map[m]).weight.detach().double().norm())
-                for m in ("conv_in", "conv_out")]
+                for m in ends]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

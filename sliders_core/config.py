@@ -14,7 +14,9 @@ from .errors import SliderError
 # Which UNet layers carry the slider's LoRA. Every Linear/Conv2d of a UNet gets one layer kind from
 # its diffusers module path; a preset selects modules by path and kind.
 LAYER_KINDS = ("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out", "transformer_other",
-               "resnet", "sampler", "other")
+               "resnet", "sampler", "other",
+               # flow transformers (Flux-style DiTs), by the host's own module paths
+               "joint_attn", "single_block", "dit_mlp", "modulation")
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 _SAMPLER_CONV = (".downsamplers.0.conv", ".upsamplers.0.conv")
@@ -34,6 +36,24 @@ def classify_unet_module(path: str) -> str:
     if path.endswith(_SAMPLER_CONV):
         return "sampler"
     return "other"  # conv_in/out, time and class embeddings: loadable from files, never trained by a preset
+
+
+def classify_dit_module(path: str) -> str:
+    """Layer kind of a Linear of a Flux-style transformer (double-stream blocks with a joint attention
+    per stream, then single-stream blocks), from the host's module path."""
+    if re.search(r"\.(img|txt)_attn\.(qkv|proj)$", path):
+        return "joint_attn"
+    if re.search(r"^single_blocks\.\d+\.linear[12]$", path):  # fused q/k/v + MLP in, attention + MLP out
+        return "single_block"
+    if re.search(r"\.(img|txt)_mlp\.\d+$", path):
+        return "dit_mlp"
+    if re.search(r"(_mod\.lin|modulation\.lin|adaLN_modulation\.\d+)$", path):
+        return "modulation"
+    return "other"  # patch / text / time / guidance embeddings and the final layer
+
+
+def is_dit(paths) -> bool:
+    return any(p.startswith(("double_blocks.", "single_blocks.")) for p in paths)
 
 
 # -- the official sliders' training methods (trainscripts/textsliders/lora.py), restated as rules -----
@@ -109,7 +129,14 @@ LAYER_PRESETS: dict[str, tuple[Callable[[str, str], bool], str]] = {
     "xattn_kv": (_kinds("cross_attn_kv"), "ours: cross-attention keys and values (SliderSpace)"),
     "all": (lambda path, kind: kind != "other",
             "ours: every Linear/Conv2d of the transformer, resnet and sampler blocks"),
+    # flow transformers (Flux)
+    "dit-attn": (_kinds("joint_attn"), "DiT: the double-stream blocks' joint-attention projections (q/k/v and "
+                 "out of both streams), the reference's Flux choice; the default on transformers"),
+    "dit-attn-single": (_kinds("joint_attn", "single_block"), "DiT: dit-attn plus the single-stream blocks' "
+                        "fused linear layers (attention and MLP)"),
+    "dit-all": (_kinds("joint_attn", "single_block", "dit_mlp"), "DiT: dit-attn-single plus the double-stream MLPs"),
 }
+DIT_DEFAULT = "dit-attn"
 
 
 def layer_presets_help() -> str:
@@ -122,6 +149,10 @@ def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
         raise SliderError(f"layers must be one of {sorted(LAYER_PRESETS)}, got {layers!r}")
     selects = LAYER_PRESETS[layers][0]
     modules = sorted(p for p, kind in candidates.items() if selects(p, kind))
+    if not modules and is_dit(candidates):
+        dit = ", ".join(name for name in LAYER_PRESETS if name.startswith("dit-"))
+        raise SliderError(f"layers={layers!r} is a UNet preset and this model is a transformer: use one of {dit} "
+                          f"('{DIT_DEFAULT}', attention only, as the reference trains Flux)")
     if not modules:
         raise SliderError(f"the model has no modules for layers={layers!r}")
     return modules

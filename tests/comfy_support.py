@@ -244,6 +244,20 @@ def tiny_sdxl_patcher(seed: int = 0, **unet_overrides):
     return _tiny_patcher("SDXL", TINY_SDXL_UNET_CONFIG, seed, unet_overrides)
 
 
+# Flux-shaped (double- and single-stream blocks, guidance embedding), sized for FakeClip's 768-d context
+# and 1280-d pooled vector: 16 latent channels, 2×2 patches
+TINY_FLUX_CONFIG = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+                    "vec_in_dim": 1280, "context_in_dim": 768, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2,
+                    "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                    "qkv_bias": True}
+
+
+def tiny_flux_patcher(seed: int = 0, schnell: bool = False, **overrides):
+    """ModelPatcher around a tiny comfy.model_base.Flux (flow matching; dev, or schnell without guidance input)."""
+    config = {**TINY_FLUX_CONFIG, "guidance_embed": not schnell}
+    return _tiny_patcher("FluxSchnell" if schnell else "Flux", config, seed, overrides)
+
+
 def tiny_vae(seed: int = 2):
     """A ComfyUI VAE object over a randomly initialised TAESD (8× down, 4 latent channels)."""
     c = import_comfy()

@@ -886,3 +886,92 @@ def test_generate_on_the_comfy_backend_leaves_every_slider_off():
     with torch.inference_mode():
         generate(denoiser, "a person", scales={"g": 1.0}, seeds=[0], steps=2, guidance=2.0, resolution=64)
     assert denoiser.sliders.scales == {}
+
+
+
+# -- flow transformers: Flux ---------------------------------------------------------------------------
+def flux_forward(patcher, clip, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=gen), torch.tensor([0.6])
+    context, pooled = clip.encode_from_tokens("a person", return_pooled=True)
+    mm = C["model_management"]
+    mm.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, y=pooled, guidance=torch.tensor([3.5]))
+
+
+def test_flux_train_node_saves_a_slider_the_stock_loader_reads_with_equal_output(loras):
+    patcher, clip = comfy_support.tiny_flux_patcher(), FakeClip()
+    slider, _, report = train(patcher, clip, name="flux_age", iterations=8, layers="dit-attn", resolution=64)
+    from safetensors.torch import load_file
+
+    state = load_file(str(loras / "sliders" / "flux_age.safetensors"))
+    assert state and all(k.startswith("lora_unet_double_blocks_") for k in state)
+    assert {k.split(".")[0].split("_attn_")[1] for k in state} == {"qkv", "proj"}  # attention only
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.5)
+    assert unloaded == []
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.5)[0]
+    out_stock, out_ours, out_base = flux_forward(stock, clip), flux_forward(ours, clip), flux_forward(patcher, clip)
+    assert torch.equal(out_stock, out_ours)
+    assert not torch.allclose(out_ours, out_base)
+    assert "8 steps" in report
+
+
+def test_flux_training_loss_falls_and_samples_without_cfg(loras):
+    patcher, clip = comfy_support.tiny_flux_patcher(), FakeClip()
+    denoiser = ComfyDenoiser(patcher, clip)
+    assert denoiser.family == "flux" and denoiser.cfg_free and denoiser.guidance_input == 3.5
+    calls = []
+    original = denoiser.predict
+    denoiser.predict = lambda x, *a, **k: calls.append(x.shape[0]) or original(x, *a, **k)
+    with torch.inference_mode():
+        noise = denoiser.initial_noise(1, 64, torch.Generator().manual_seed(0))
+        denoiser.sample(denoiser.encode(["a person"]), denoiser.encode([""]), guidance=3.0, steps=4, noise=noise)
+    assert noise.shape == (1, 16, 8, 8) and calls == [1] * 4  # one sample per step: no CFG doubling
+    from concept_sliders_pack.sliders_core.config import TrainConfig
+    from concept_sliders_pack.sliders_core.prompts import PromptPair
+    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
+
+    denoiser.predict = original
+    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
+    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers="dit-attn", resolution=64, trajectory_steps=2,
+                         trajectory_reuse=1000, seed=0)
+    with torch.inference_mode(False):
+        result = train_text_slider(denoiser, [pair], config, name="age", progress=False)
+    assert result.losses[-1] < 0.6 * result.losses[0], result.losses  # attention-only LoRA on a random model
+    assert result.unet_samples_per_iteration <= 4  # no CFG doubling in the trajectory either
+
+
+def test_unet_presets_on_flux_name_the_transformer_presets():
+    from concept_sliders_pack.nodes.comfy_backend import ComfySliderHost, module_names
+    from concept_sliders_pack.sliders_core.config import preset_modules
+
+    patcher = comfy_support.tiny_flux_patcher()
+    candidates = ComfySliderHost(patcher, module_names(patcher)).lora_candidates()
+    with pytest.raises(SliderError, match="dit-attn"):
+        preset_modules(candidates, "noxattn")
+    attn = preset_modules(candidates, "dit-attn")
+    assert attn == sorted(f"double_blocks.{i}.{s}_attn.{p}" for i in (0, 1) for s in ("img", "txt") for p in ("qkv", "proj"))
+    assert set(preset_modules(candidates, "dit-attn-single")) - set(attn) == {
+        f"single_blocks.{i}.linear{j}" for i in (0, 1) for j in (1, 2)}
+
+
+def test_a_flux_slider_is_refused_on_an_sd_model_and_the_other_way(loras):
+    flux, sd = comfy_support.tiny_flux_patcher(), comfy_support.tiny_sd15_patcher()
+    clip = FakeClip()
+    flux_slider = train(flux, clip, name="f", iterations=2, layers="dit-attn", resolution=64)[0]
+    sd_slider = train(sd, clip, name="s", iterations=2)[0]
+    with pytest.raises(FamilyMismatchError, match="'flux'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(sd, flux_slider, 1.0)
+    with pytest.raises(FamilyMismatchError, match="'sd1'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(flux, sd_slider, 1.0)
+
+
+def test_flux_schnell_has_no_guidance_input_and_predicts():
+    denoiser = ComfyDenoiser(comfy_support.tiny_flux_patcher(schnell=True), FakeClip())
+    assert denoiser.family == "flux-schnell" and denoiser.cfg_free and denoiser.guidance_input is None
+    with torch.inference_mode():
+        x = denoiser.initial_noise(2, 64, torch.Generator().manual_seed(0))
+        out = denoiser.predict(x, torch.tensor([0.5, 0.9]), denoiser.encode(["a person", "a dog"]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
