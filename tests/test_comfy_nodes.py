@@ -129,6 +129,18 @@ def test_comfy_training_on_images_uses_the_hosts_noise_schedule():
     torch.testing.assert_close(denoiser.training_target(x0, noise, level), noise)
 
 
+def assert_stock_loader_equals_apply(patcher, slider, state, run, strength=1.5):
+    """The file's state dict in ComfyUI's stock LoRA loader: no unloaded key, and the same output as Apply
+    Slider at the same strength (which differs from the base model's)."""
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, strength)
+    assert unloaded == []
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, strength)[0]
+    out_stock, out_ours, out_base = run(stock), run(ours), run(patcher)
+    assert torch.equal(out_stock, out_ours)
+    assert not torch.allclose(out_ours, out_base)
+
+
 def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(loras):
     patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
     slider, plot, report = train(patcher, clip, iterations=8)
@@ -139,13 +151,7 @@ def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(lora
 
     state = load_file(str(path))
     assert all(k.startswith("lora_unet_") for k in state)
-    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.5)
-    assert unloaded == []
-    with torch.inference_mode():
-        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.5)[0]
-    out_stock, out_ours, out_base = forward(stock, clip), forward(ours, clip), forward(patcher, clip)
-    assert torch.equal(out_stock, out_ours)
-    assert not torch.allclose(out_ours, out_base)
+    assert_stock_loader_equals_apply(patcher, slider, state, lambda p: forward(p, clip))
     # the trained slider is the one that came out of training: loading the file gives the same tensors
     loaded = NODE_CLASS_MAPPINGS["ConceptSlidersLoad"]().load("sliders/age.safetensors")[0]
     assert set(loaded.tensors) == set(slider.tensors)
@@ -908,13 +914,7 @@ def test_flux_train_node_saves_a_slider_the_stock_loader_reads_with_equal_output
     state = load_file(str(loras / "sliders" / "flux_age.safetensors"))
     assert state and all(k.startswith("lora_unet_double_blocks_") for k in state)
     assert {k.split(".")[0].split("_attn_")[1] for k in state} == {"qkv", "proj"}  # attention only
-    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.5)
-    assert unloaded == []
-    with torch.inference_mode():
-        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.5)[0]
-    out_stock, out_ours, out_base = flux_forward(stock, clip), flux_forward(ours, clip), flux_forward(patcher, clip)
-    assert torch.equal(out_stock, out_ours)
-    assert not torch.allclose(out_ours, out_base)
+    assert_stock_loader_equals_apply(patcher, slider, state, lambda p: flux_forward(p, clip))
     assert "8 steps" in report
 
 
