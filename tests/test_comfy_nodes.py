@@ -176,20 +176,26 @@ def _sample(node_output):
     return node_output[0]["samples"]
 
 
-def test_delayed_sampler_at_step_0_is_plain_application_and_at_the_end_is_the_base_model(loras):
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_delayed_sampler_at_step_0_is_plain_application_and_at_the_end_is_the_base_model(loras, family):
     import nodes as comfy_nodes
 
-    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
-    slider, _, _ = train(patcher, clip, iterations=6, lr=3e-2)
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    clip = FakeClip()
+    if family == "flux":  # sampled at cfg 1, as Flux is
+        patcher, channels, cfg = comfy_support.tiny_flux_patcher(), 16, 1.0
+        slider, _, _ = train(patcher, clip, iterations=6, lr=3e-2, layers="dit-attn", resolution=64)
+    else:
+        patcher, channels, cfg = comfy_support.tiny_sd15_patcher(), 4, 3.0
+        slider, _, _ = train(patcher, clip, iterations=6, lr=3e-2)
+    latent = {"samples": torch.zeros(1, channels, 8, 8)}
     pos, neg = clip.conditioning("a person"), clip.conditioning("")
-    common = dict(seed=7, steps=4, cfg=3.0, positive=pos, negative=neg, latent_image=latent)
+    common = dict(seed=7, steps=4, cfg=cfg, positive=pos, negative=neg, latent_image=latent)
     delayed = NODE_CLASS_MAPPINGS["ConceptSlidersDelayedSampler"]()
     for sampler_name in ("euler", "euler_ancestral"):
         with torch.inference_mode():
             applied = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 2.0)[0]
-            plain = _sample(comfy_nodes.common_ksampler(applied, 7, 4, 3.0, sampler_name, "normal", pos, neg, latent))
-            base = _sample(comfy_nodes.common_ksampler(patcher, 7, 4, 3.0, sampler_name, "normal", pos, neg, latent))
+            plain = _sample(comfy_nodes.common_ksampler(applied, 7, 4, cfg, sampler_name, "normal", pos, neg, latent))
+            base = _sample(comfy_nodes.common_ksampler(patcher, 7, 4, cfg, sampler_name, "normal", pos, neg, latent))
             at0 = _sample(delayed.sample(patcher, slider, 2.0, 0, sampler_name=sampler_name, scheduler="normal",
                                          denoise=1.0, **common))
             at_end = _sample(delayed.sample(patcher, slider, 2.0, 4, sampler_name=sampler_name, scheduler="normal",
