@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
              "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega", "Shapes": "shapes",
-             "Flux": "flux", "FluxSchnell": "flux-schnell"}
-_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "shapes": 32, "flux": 1024, "flux-schnell": 1024}
+             "Flux": "flux", "FluxSchnell": "flux-schnell", "SD3": "sd3"}
+_NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "shapes": 32, "flux": 1024, "flux-schnell": 1024,
+                      "sd3": 1024}
 FLUX_GUIDANCE = 3.5  # the distilled guidance Flux-dev runs at when no FluxGuidance node sets one (ComfyUI's default)
 _LATENT_DOWNSCALE = {"shapes": 1}  # the shapes model is pixel space; the other families have an 8× VAE
 # inversion levels: "normal" starts at t = 999, where the cosine schedule has ᾱ ≈ 2e-9 and DDIM
@@ -65,7 +66,7 @@ def latent_downscale(patcher) -> int:
 
 def module_names(patcher) -> dict[str, str]:
     """diffusers module path → LDM module path for every slider-capable layer, from ComfyUI's own map.
-    Flow transformers (Flux) are named by the host's own module paths on both sides: they are what its
+    Flow transformers (Flux, SD3) are named by the host's own module paths on both sides: they are what its
     `lora_unet_…` and `diffusion_model.…` keys name, and diffusers' split q/k/v have no module here."""
     modules = dict(patcher.model.diffusion_model.named_modules())
     if is_dit(modules):
@@ -431,7 +432,8 @@ class ComfyDenoiser:
 
     def model_signature(self) -> list[float]:
         modules = self.model.diffusion_model
-        ends = ("img_in", "final_layer.linear") if self.dit else ("conv_in", "conv_out")
+        first = "img_in" if "img_in" in self.sliders.names_map else "context_embedder"  # Flux / SD3
+        ends = (first, "final_layer.linear") if self.dit else ("conv_in", "conv_out")
         return [float(modules.get_submodule(self.sliders.names_map[m]).weight.detach().double().norm())
                 for m in ends]
 

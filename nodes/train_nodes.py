@@ -64,12 +64,12 @@ def training_inputs(iterations: int, slider_name: str, resolution_tooltip: str) 
         "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip":
                    "Which layers carry the slider. The official sliders' training methods select exactly "
                    "their layers (noxattn, their default: self-attention, resnets and sampler convs). On Flux "
-                   "use a dit-* preset (dit-attn: joint attention only, as the reference trains Flux). "
+                   "and SD3 use a dit-* preset (dit-attn: joint attention only, as the reference trains Flux). "
                    + layer_presets_help()}),
         "iterations": ("INT", {"default": iterations, "min": 1, "max": 100000, "tooltip": "Training steps."}),
         "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
         "resolution": ("INT", {"default": NATIVE, "min": 0, "max": 2048, "step": 8, "tooltip":
-                       resolution_tooltip + " 0: the model's own size (512 SD1.x, 768 SD2, 1024 SDXL and Flux, 32 shapes)."}),
+                       resolution_tooltip + " 0: the model's own size (512 SD1.x, 768 SD2, 1024 SDXL, Flux and SD3, 32 shapes)."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed",
                  "tooltip": "Same seed, same slider."}),
         "slider_name": ("STRING", {"default": slider_name, "tooltip":

@@ -15,8 +15,9 @@ from .errors import SliderError
 # its diffusers module path; a preset selects modules by path and kind.
 LAYER_KINDS = ("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out", "transformer_other",
                "resnet", "sampler", "other",
-               # flow transformers (Flux-style DiTs), by the host's own module paths
+               # flow transformers (Flux, SD3 / SD3.5 MMDiT), by the host's own module paths
                "joint_attn", "single_block", "dit_mlp", "modulation")
+_DIT_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.")
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 _SAMPLER_CONV = (".downsamplers.0.conv", ".upsamplers.0.conv")
@@ -39,13 +40,15 @@ def classify_unet_module(path: str) -> str:
 
 
 def classify_dit_module(path: str) -> str:
-    """Layer kind of a Linear of a Flux-style transformer (double-stream blocks with a joint attention
-    per stream, then single-stream blocks), from the host's module path."""
-    if re.search(r"\.(img|txt)_attn\.(qkv|proj)$", path):
+    """Layer kind of a Linear of a flow transformer, from the host's module path: Flux (double-stream
+    blocks with a joint attention per stream, then single-stream blocks) or SD3's MMDiT (joint blocks
+    of a context and an image stream; SD3.5 Medium adds a second image self-attention, `attn2`)."""
+    if re.search(r"\.(img|txt)_attn\.(qkv|proj)$", path) or re.search(
+            r"\.(context|x)_block\.attn2?\.(qkv|proj)$", path):
         return "joint_attn"
     if re.search(r"^single_blocks\.\d+\.linear[12]$", path):  # fused q/k/v + MLP in, attention + MLP out
         return "single_block"
-    if re.search(r"\.(img|txt)_mlp\.\d+$", path):
+    if re.search(r"\.(img|txt)_mlp\.\d+$", path) or re.search(r"_block\.mlp\.fc[12]$", path):
         return "dit_mlp"
     if re.search(r"(_mod\.lin|modulation\.lin|adaLN_modulation\.\d+)$", path):
         return "modulation"
@@ -53,7 +56,7 @@ def classify_dit_module(path: str) -> str:
 
 
 def is_dit(paths) -> bool:
-    return any(p.startswith(("double_blocks.", "single_blocks.")) for p in paths)
+    return any(p.startswith(_DIT_BLOCKS) for p in paths)
 
 
 # -- the official sliders' training methods (trainscripts/textsliders/lora.py), restated as rules -----
@@ -130,11 +133,12 @@ LAYER_PRESETS: dict[str, tuple[Callable[[str, str], bool], str]] = {
     "all": (lambda path, kind: kind != "other",
             "ours: every Linear/Conv2d of the transformer, resnet and sampler blocks"),
     # flow transformers (Flux)
-    "dit-attn": (_kinds("joint_attn"), "DiT: the double-stream blocks' joint-attention projections (q/k/v and "
-                 "out of both streams), the reference's Flux choice; the default on transformers"),
+    "dit-attn": (_kinds("joint_attn"), "DiT: the joint-attention projections (q/k/v and out of both streams: "
+                 "Flux's double-stream blocks, SD3's joint blocks), the reference's Flux choice"),
     "dit-attn-single": (_kinds("joint_attn", "single_block"), "DiT: dit-attn plus the single-stream blocks' "
                         "fused linear layers (attention and MLP)"),
-    "dit-all": (_kinds("joint_attn", "single_block", "dit_mlp"), "DiT: dit-attn-single plus the double-stream MLPs"),
+    "dit-all": (_kinds("joint_attn", "single_block", "dit_mlp"), "DiT: dit-attn-single plus the MLPs of the "
+                "two-stream blocks"),
 }
 DIT_DEFAULT = "dit-attn"
 

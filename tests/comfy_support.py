@@ -258,6 +258,24 @@ def tiny_flux_patcher(seed: int = 0, schnell: bool = False, **overrides):
     return _tiny_patcher("FluxSchnell" if schnell else "Flux", config, seed, overrides)
 
 
+# SD3-shaped MMDiT (joint blocks of a context and an image stream; depth 2 → hidden 128, 2 heads), for
+# FakeClip's 768-d context and 1280-d pooled vector
+TINY_SD3_CONFIG = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2,
+                   "depth": 2, "adm_in_channels": 1280, "pos_embed_max_size": 16, "num_patches": 256,
+                   "input_size": None, "context_embedder_config": {
+                       "target": "torch.nn.Linear", "params": {"in_features": 768, "out_features": 128}}}
+
+
+def tiny_sd3_patcher(seed: int = 0, **overrides):
+    """ModelPatcher around a tiny comfy.model_base.SD3 (flow matching, sampled with CFG)."""
+    import torch
+
+    patcher = _tiny_patcher("SD3", TINY_SD3_CONFIG, seed, overrides)
+    with torch.no_grad():  # a buffer (checkpoints fill it), left uninitialised by the host's empty ops
+        patcher.model.diffusion_model.pos_embed.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+    return patcher
+
+
 def tiny_vae(seed: int = 2):
     """A ComfyUI VAE object over a randomly initialised TAESD (8× down, 4 latent channels)."""
     c = import_comfy()

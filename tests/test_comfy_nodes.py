@@ -981,3 +981,64 @@ def test_flux_schnell_has_no_guidance_input_and_predicts():
         x = denoiser.initial_noise(2, 64, torch.Generator().manual_seed(0))
         out = denoiser.predict(x, torch.tensor([0.5, 0.9]), denoiser.encode(["a person", "a dog"]))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+
+# -- flow transformers: SD3 (MMDiT) ------------------------------------------------------------------
+def sd3_forward(patcher, clip, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=gen), torch.tensor([0.6])
+    context, pooled = clip.encode_from_tokens("a person", return_pooled=True)
+    C["model_management"].load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, y=pooled)
+
+
+def test_sd3_train_node_saves_a_slider_the_stock_loader_reads_with_equal_output(loras):
+    from safetensors.torch import load_file
+
+    patcher, clip = comfy_support.tiny_sd3_patcher(), FakeClip()
+    slider, _, report = train(patcher, clip, name="sd3_age", iterations=8, layers="dit-attn", resolution=64)
+    state = load_file(str(loras / "sliders" / "sd3_age.safetensors"))
+    assert state and all(k.startswith("lora_unet_joint_blocks_") and "_attn_" in k for k in state)
+    assert_stock_loader_equals_apply(patcher, slider, state, lambda p: sd3_forward(p, clip))
+    assert "8 steps" in report
+
+
+def test_sd3_presets_sampling_with_cfg_and_training(loras):
+    from concept_sliders_pack.sliders_core.config import TrainConfig, preset_modules
+    from concept_sliders_pack.sliders_core.prompts import PromptPair
+    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
+
+    denoiser = ComfyDenoiser(comfy_support.tiny_sd3_patcher(), FakeClip())
+    assert denoiser.family == "sd3" and denoiser.dit and not denoiser.cfg_free and denoiser.guidance_input is None
+    attn = preset_modules(denoiser.sliders.lora_candidates(), "dit-attn")
+    # the last joint block's context stream is pre-only: q/k/v and no output projection
+    assert attn == sorted([f"joint_blocks.{i}.x_block.attn.{p}" for i in (0, 1) for p in ("qkv", "proj")]
+                          + ["joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.context_block.attn.proj",
+                             "joint_blocks.1.context_block.attn.qkv"])
+    assert {"joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.context_block.mlp.fc2"} <= set(
+        preset_modules(denoiser.sliders.lora_candidates(), "dit-all"))
+    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
+    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers="dit-attn", resolution=64, trajectory_steps=2,
+                         trajectory_reuse=1000, seed=0)
+    with torch.inference_mode(False):
+        result = train_text_slider(denoiser, [pair], config, name="age", progress=False)
+    assert result.losses[-1] < 0.6 * result.losses[0], result.losses
+    calls, original = [], denoiser.predict
+    denoiser.predict = lambda x, *a, **k: calls.append(x.shape[0]) or original(x, *a, **k)
+    with torch.inference_mode():
+        noise = denoiser.initial_noise(1, 64, torch.Generator().manual_seed(0))
+        denoiser.sample(denoiser.encode(["a person"]), denoiser.encode([""]), guidance=3.0, steps=3, noise=noise)
+    assert calls == [2] * 3  # SD3 is sampled with CFG: conditional and unconditional in one batch
+
+
+def test_sd3_and_flux_sliders_are_refused_on_each_other(loras):
+    clip = FakeClip()
+    flux, sd3 = comfy_support.tiny_flux_patcher(), comfy_support.tiny_sd3_patcher()
+    flux_slider = train(flux, clip, name="f", iterations=2, layers="dit-attn", resolution=64)[0]
+    sd3_slider = train(sd3, clip, name="t", iterations=2, layers="dit-attn", resolution=64)[0]
+    with pytest.raises(FamilyMismatchError, match="'flux'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(sd3, flux_slider, 1.0)
+    with pytest.raises(FamilyMismatchError, match="'sd3'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(flux, sd3_slider, 1.0)
