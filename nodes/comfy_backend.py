@@ -87,6 +87,30 @@ def module_names(patcher) -> dict[str, str]:
     return names
 
 
+def module_naming(patcher, names: dict[str, str] | None = None) -> UnetNaming:
+    """How LoRA keys name this MODEL's modules: ours (`module_names`), their LDM names, and, on flow
+    transformers, the diffusers names from ComfyUI's own maps (whole modules, and the q/k/v pieces
+    it fuses into one layer)."""
+    names = names or module_names(patcher)
+    diffusion_model = patcher.model.diffusion_model
+    shapes = {path: tuple(diffusion_model.get_submodule(ldm).weight.shape) for path, ldm in names.items()}
+    aliases, slices = {}, {}
+    unet_config = patcher.model.model_config.unet_config
+    mapping = {"flux": comfy.utils.flux_to_diffusers, "mmdit": comfy.utils.mmdit_to_diffusers}
+    kind = "flux" if unet_config.get("image_model") == "flux" else "mmdit" if model_family(patcher) == "sd3" else None
+    if kind is not None and is_dit(names):
+        for diffusers_key, target in mapping[kind](unet_config).items():
+            if not diffusers_key.endswith(".weight"):
+                continue
+            module = diffusers_key[: -len(".weight")]
+            if isinstance(target, str):
+                aliases[module] = target[: -len(".weight")]
+            elif target[1] is not None and target[1][0] == 0:  # rows of the fused weight: (dim 0, first, rows)
+                slices[module] = (target[0][: -len(".weight")], target[1][1], target[1][2])
+            # (a target with a transform, e.g. the final layer's swapped scale/shift, has no LoRA meaning here)
+    return UnetNaming(names, ldm_names=names, weight_shapes=shapes, aliases=aliases, slices=slices)
+
+
 class SliderDiff(LoraDiff):
     """ComfyUI's trainable LoRA weight adapter with a slider multiplier looked up per forward."""
 
@@ -242,9 +266,7 @@ class ComfyDenoiser:
         self.family = model_family(self.patcher)
         names = module_names(self.patcher)
         self.sliders = ComfySliderHost(self.patcher, names)
-        diffusion_model = self.model.diffusion_model
-        shapes = {path: tuple(diffusion_model.get_submodule(ldm).weight.shape) for path, ldm in names.items()}
-        self.naming = UnetNaming(names, ldm_names=names, weight_shapes=shapes)
+        self.naming = module_naming(self.patcher, names)
         self.default_resolution = native_resolution(self.patcher)
         self.downscale = latent_downscale(self.patcher)
         self.forward_count = 0

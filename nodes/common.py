@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..sliders_core.errors import FamilyMismatchError
-from ..sliders_core.formats import UnetNaming, from_state_dict, to_kohya_state_dict
+from ..sliders_core.formats import from_state_dict, to_kohya_state_dict
 from ..sliders_core.slider_weights import META_FAMILY, SliderWeights
 
 SLIDER = "SLIDER"  # a SliderFile: a slider's tensors in any supported key form + its metadata
@@ -39,15 +39,14 @@ class SliderFile:
 
     def resolve(self, model) -> SliderWeights:
         """SliderWeights keyed by this MODEL's diffusers module paths; refuses another family or a misfit."""
-        from .comfy_backend import model_family, module_names
+        from .comfy_backend import model_family, module_naming
 
         family = model_family(model)
         if self.family is not None and self.family != family:
             raise FamilyMismatchError(
                 f"slider '{self.name}' was trained for base family '{self.family}' but the MODEL is '{family}'; "
                 "load a checkpoint of that family or train the slider on this one")
-        names = module_names(model)
-        return from_state_dict(self.tensors, UnetNaming(names, ldm_names=names), self.metadata, source=self.name)
+        return from_state_dict(self.tensors, module_naming(model), self.metadata, source=self.name)
 
 
 def sliders_dir() -> Path:

@@ -141,12 +141,20 @@ class UnetNaming:
 
     def __init__(self, module_paths: Iterable[str], unet_config: Mapping[str, Any] | None = None,
                  ldm_names: Mapping[str, str] | None = None,
-                 weight_shapes: Mapping[str, tuple[int, ...]] | None = None):
+                 weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 aliases: Mapping[str, str] | None = None,
+                 slices: Mapping[str, tuple[str, int, int]] | None = None):
         """`ldm_names` (diffusers path → LDM path) comes from a host that knows it (ComfyUI);
         otherwise it is derived from a diffusers `unet_config`. `weight_shapes` (path → the base
-        weight's shape) lets a file that does not fit be refused with the module and the reason."""
+        weight's shape) lets a file that does not fit be refused with the module and the reason.
+        Flow transformers, whose paths are the host's own: `aliases` maps another name of a whole
+        module (diffusers' `transformer_blocks.0.attn.to_out.0`) to it, and `slices` maps a module
+        that the host fuses with others (diffusers' to_q / to_k / to_v → one qkv) to (path, first
+        output row, rows)."""
         self.module_paths = set(module_paths)
         self.weight_shapes = dict(weight_shapes or {})
+        self.aliases = {a: p for a, p in (aliases or {}).items() if p in self.module_paths}
+        self.slices = {a: v for a, v in (slices or {}).items() if v[0] in self.module_paths}
         self._by_stem = {kohya_stem(p): p for p in self.module_paths}
         if ldm_names is None and unet_config is not None and "down_block_types" in unet_config:
             blocks = unet_block_prefixes(unet_config)
@@ -162,7 +170,14 @@ class UnetNaming:
         return self._ldm_to_path.get(ldm_path)
 
     def from_dotted(self, path: str) -> str | None:
-        return path if path in self.module_paths else self._ldm_to_path.get(path)
+        bare = path.removeprefix("transformer.")  # diffusers' prefix for a DiT's modules
+        for candidate in (path, bare):
+            if candidate in self.module_paths:
+                return candidate
+        return self._ldm_to_path.get(path) or self.aliases.get(bare)
+
+    def slice_of(self, path: str) -> tuple[str, int, int] | None:
+        return self.slices.get(path.removeprefix("transformer."))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +210,7 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
                     metadata: Mapping[str, str] | None = None, source: str = "slider") -> SliderWeights:
     """Any supported key form → SliderWeights keyed by the model's diffusers module paths."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    fused: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = {}  # path → (first row, rows) → part
     unknown, unmatched, skipped_te = [], [], []
     for key, tensor in state.items():
         if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
@@ -214,6 +230,10 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
             path = naming.from_ldm(module_key) or naming.from_dotted(module_key)
         else:
             path = naming.from_dotted(module_key)
+            piece = naming.slice_of(module_key) if path is None else None
+            if piece is not None:
+                fused.setdefault(piece[0], {}).setdefault(piece[1:], {})[part] = tensor
+                continue
         if path is None:
             unmatched.append(key)
             continue
@@ -228,6 +248,10 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
             "`python -m sliders_core info FILE` shows what it was trained on")
     if skipped_te:
         log.warning("%s: ignoring %d text-encoder LoRA key(s); sliders act on the UNet only", source, len(skipped_te))
+    for path, pieces in fused.items():
+        if path in parts:
+            raise SliderError(f"{source}: module {path} is given both whole and as q/k/v (or MLP) pieces")
+        parts[path] = _fuse(source, path, pieces, naming.weight_shapes.get(path))
     if not parts:
         raise SliderError(f"{source}: no UNet LoRA weights found")
     modules = {}
@@ -241,6 +265,28 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
         modules[path] = LoraModule(down=down, up=up, alpha=alpha)
     return SliderWeights(modules=modules, metadata=dict(metadata or {}))
+
+
+def _fuse(source: str, path: str, pieces: dict[tuple[int, int], dict[str, torch.Tensor]],
+          base: tuple[int, ...] | None) -> dict[str, torch.Tensor]:
+    """LoRAs on the pieces of a fused layer (q, k, v, … as rows of one weight) → one LoRA on the whole:
+    the downs stacked, each up (times its alpha / rank) placed at its rows. Its ΔW is exactly theirs."""
+    downs, ups, rows_total = [], [], base[0] if base else max(start + n for start, n in pieces)
+    for (start, rows), p in sorted(pieces.items()):
+        if "down" not in p or "up" not in p:
+            raise SliderError(f"{source}: a piece of module {path} (rows {start}–{start + rows}) lacks its "
+                              f"{'up' if 'down' in p else 'down'} weight")
+        rank = p["down"].shape[0]
+        scale = float(p["alpha"].float().item()) / rank if "alpha" in p else 1.0
+        if p["up"].shape[0] != rows:
+            raise SliderError(f"{source}: a piece of module {path} maps to {p['up'].shape[0]} features, the model's "
+                              f"rows {start}–{start + rows} are {rows}")
+        up = torch.zeros(rows_total, rank, dtype=p["up"].dtype)
+        up[start:start + rows] = p["up"].reshape(rows, rank) * scale
+        downs.append(p["down"].reshape(rank, -1))
+        ups.append(up)
+    down, up = torch.cat(downs), torch.cat(ups, dim=1)
+    return {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
 
 
 def _check_fits(source: str, path: str, down: torch.Tensor, up: torch.Tensor, base: tuple[int, ...] | None) -> None:

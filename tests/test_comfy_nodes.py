@@ -1042,3 +1042,36 @@ def test_sd3_and_flux_sliders_are_refused_on_each_other(loras):
         NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(sd3, flux_slider, 1.0)
     with pytest.raises(FamilyMismatchError, match="'sd3'"):
         NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(flux, sd3_slider, 1.0)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_diffusers_form_dit_loras_load_with_qkv_fused_as_the_stock_loader_does(loras, family):
+    """transformer.* keys name q, k and v apart (and Flux's single blocks' MLP input); the host fuses them
+    into one layer. A file in that form gives what the stock loader gives."""
+    patcher = comfy_support.tiny_flux_patcher() if family == "flux" else comfy_support.tiny_sd3_patcher()
+    clip, hidden = FakeClip(), 64 if family == "flux" else 128
+    gen = torch.Generator().manual_seed(3)
+    modules = {"transformer_blocks.0.attn.to_q": (hidden, hidden), "transformer_blocks.0.attn.to_k": (hidden, hidden),
+               "transformer_blocks.0.attn.to_v": (hidden, hidden), "transformer_blocks.0.attn.add_q_proj": (hidden, hidden),
+               "transformer_blocks.0.attn.to_out.0": (hidden, hidden)}
+    if family == "flux":
+        modules.update({"single_transformer_blocks.1.attn.to_k": (hidden, hidden),
+                        "single_transformer_blocks.1.proj_mlp": (4 * hidden, hidden),
+                        "single_transformer_blocks.1.proj_out": (hidden, 5 * hidden)})
+    state = {}
+    for module, (out_features, in_features) in modules.items():
+        rank = 2 + len(state) % 3  # pieces of one layer with different ranks
+        state[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * 0.1
+        state[f"transformer.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.1
+    slider = SliderFile(state, {}, "diffusers_form")
+    weights = slider.resolve(patcher)
+    prefix = "double_blocks.0.img_attn" if family == "flux" else "joint_blocks.0.x_block.attn"
+    assert f"{prefix}.qkv" in weights.modules and weights.modules[f"{prefix}.qkv"].down.shape[0] == 2 + 3 + 4
+    run = (lambda p: flux_forward(p, clip)) if family == "flux" else (lambda p: sd3_forward(p, clip))
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.5)
+    assert unloaded == []
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.5)[0]
+    out_stock, out_ours, out_base = run(stock), run(ours), run(patcher)
+    assert not torch.allclose(out_ours, out_base)
+    assert torch.allclose(out_stock, out_ours, atol=1e-5, rtol=1e-4)

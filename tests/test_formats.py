@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 from sliders_core import formats
 from sliders_core.errors import FamilyMismatchError, SliderError
 from sliders_core.formats import (
+    UnetNaming,
     diffusers_to_ldm,
+    from_state_dict,
     kohya_stem,
     ldm_to_diffusers,
     load_slider,
@@ -230,3 +232,26 @@ def test_saved_file_follows_the_umask(sd1, tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_lora_pieces_of_a_fused_layer_become_one_lora_with_exactly_their_delta():
+    """Flux/SD3 files in diffusers form give q, k and v apart; the host's layer is one qkv."""
+    naming = UnetNaming(["blk.qkv", "blk.proj"], weight_shapes={"blk.qkv": (12, 4), "blk.proj": (4, 4)},
+                        aliases={"blk.to_out.0": "blk.proj"},
+                        slices={"blk.to_q": ("blk.qkv", 0, 4), "blk.to_k": ("blk.qkv", 4, 4), "blk.to_v": ("blk.qkv", 8, 4)})
+    gen = torch.Generator().manual_seed(0)
+    a_q, b_q, a_v, b_v = (torch.randn(shape, generator=gen) for shape in ((2, 4), (4, 2), (3, 4), (4, 3)))
+    state = {"transformer.blk.to_q.lora_A.weight": a_q, "transformer.blk.to_q.lora_B.weight": b_q,
+             "transformer.blk.to_v.lora_A.weight": a_v, "transformer.blk.to_v.lora_B.weight": b_v,
+             "transformer.blk.to_out.0.lora_A.weight": a_q, "transformer.blk.to_out.0.lora_B.weight": b_q}
+    weights = from_state_dict(state, naming)
+    fused = weights.modules["blk.qkv"]
+    expected = torch.zeros(12, 4)
+    expected[0:4], expected[8:12] = b_q @ a_q, b_v @ a_v  # no k piece: its rows stay unchanged
+    assert torch.allclose(fused.up @ fused.down * (fused.alpha / fused.down.shape[0]), expected, atol=1e-6)
+    assert torch.equal(weights.modules["blk.proj"].up, b_q)
+    with pytest.raises(SliderError, match="both whole and as"):
+        from_state_dict({**state, "transformer.blk.qkv.lora_A.weight": torch.zeros(2, 4),
+                         "transformer.blk.qkv.lora_B.weight": torch.zeros(12, 2)}, naming)
+    with pytest.raises(SliderError, match="lacks its up"):
+        from_state_dict({"transformer.blk.to_k.lora_A.weight": a_q}, naming)
