@@ -52,14 +52,21 @@ def resolve_lora_name(name: str, files: list[str]) -> str:
     raise SliderError(f"{name!r} matches several files: {sorted(matches)}; write the folder too")
 
 
+def load_slider_file(name: str) -> SliderFile:
+    """A listed file of the loras folder (or the pack's) as a SLIDER."""
+    tensors, metadata = read_state_dict(lora_path(name))
+    return SliderFile(tensors, metadata, Path(name).stem)
+
+
+def file_stamp(name: str) -> str:
+    """Changes when the file does (a slider retrained under its name), for ComfyUI's IS_CHANGED."""
+    stat = lora_path(name).stat()
+    return f"{stat.st_mtime_ns}-{stat.st_size}-{stat.st_ino}"
+
+
 def mix_from_text(text: str) -> list[tuple[SliderFile, float]]:
     files = lora_files()
-    mix = []
-    for name, alpha in parse_slider_mix(text):
-        found = resolve_lora_name(name, files)
-        tensors, metadata = read_state_dict(lora_path(found))
-        mix.append((SliderFile(tensors, metadata, Path(found).stem), alpha))
-    return mix
+    return [(load_slider_file(resolve_lora_name(name, files)), alpha) for name, alpha in parse_slider_mix(text)]
 
 
 class LoadSlider:
@@ -81,14 +88,12 @@ class LoadSlider:
     def IS_CHANGED(cls, slider_name):
         """ComfyUI caches outputs by inputs: re-read the file when it changes (a slider retrained under its name)."""
         try:
-            stat = lora_path(slider_name).stat()
+            return file_stamp(slider_name)
         except Exception:  # missing file: load() reports it
             return ""
-        return f"{stat.st_mtime_ns}-{stat.st_size}-{stat.st_ino}"
 
     def load(self, slider_name):
-        tensors, metadata = read_state_dict(lora_path(slider_name))
-        return (SliderFile(tensors, metadata, Path(slider_name).stem),)
+        return (load_slider_file(slider_name),)
 
 
 class ApplySlider:
@@ -167,8 +172,7 @@ class SliderMixer:
         try:
             files = lora_files()
             for name, _ in parse_slider_mix(mix):
-                stat = lora_path(resolve_lora_name(name, files)).stat()
-                stamps.append(f"{stat.st_mtime_ns}-{stat.st_size}")
+                stamps.append(file_stamp(resolve_lora_name(name, files)))
         except Exception:  # a bad line or missing file: apply() reports it
             pass
         return "|".join(stamps)

@@ -277,8 +277,8 @@ class ComfyDenoiser:
         # Flux is sampled without CFG: dev takes its (distilled) guidance as an input, schnell needs none
         self.cfg_free = unet_config.get("image_model") == "flux"
         self.guidance_input = FLUX_GUIDANCE if unet_config.get("guidance_embed") else None
-        self._residual_norms = [m for path, m in self.model.diffusion_model.named_modules()
-                                if self.dit and path.startswith(("double_blocks.", "single_blocks."))
+        self._residual_norms = [m for path, m in self.model.diffusion_model.named_modules()  # Flux's blocks
+                                if path.startswith(("double_blocks.", "single_blocks."))
                                 and isinstance(m, torch.nn.LayerNorm)]
 
     @property
@@ -335,7 +335,7 @@ class ComfyDenoiser:
         self.forward_count += x.shape[0]
         # Flux's blocks add residuals in place (txt += …, x += …) into tensors their norms keep for the
         # backward; with gradients, each norm gets its own copy of its input (hooks removed afterwards)
-        norms = self._residual_norms if self.dit and torch.is_grad_enabled() else []
+        norms = self._residual_norms if torch.is_grad_enabled() else []
         handles = [n.register_forward_pre_hook(_copy_input) for n in norms]
         try:
             x0 = self.model.apply_model(x, sigma, c_crossattn=cond.tensors["context"].to(device, dtype), **kwargs)

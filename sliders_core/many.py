@@ -34,7 +34,7 @@ import yaml
 from .config import PairTrainConfig, TrainConfig
 from .distributed import local_rank, world
 from .errors import SliderError
-from .formats import load_slider, read_state_dict, safe_output_path, save_slider
+from .formats import load_slider, read_state_dict, safe_output_path, save_slider, write_safetensors
 from .sliderspace import SliderSpaceConfig
 
 KINDS = {"prompts": ("text", TrainConfig), "pairs": ("pairs", PairTrainConfig),
@@ -242,20 +242,13 @@ def train_direction(denoiser, job: SliderJob, config: SliderSpaceConfig, resume,
                                                      d["rotation"], seed=config.seed)
         write_safetensors({"latents": images.latents, "images": (images.images * 255).round().to(torch.uint8),
                            "directions": directions, "explained": explained},
-                          {"prompts": json.dumps(images.prompts), "seeds": json.dumps(images.seeds)}, cache)
+                          {"prompts": json.dumps(images.prompts), "seeds": json.dumps(images.seeds)},
+                          cache)  # atomic: a rank computing it at the same time writes the same bytes
     checkpoint.parent.mkdir(exist_ok=True)
     results = train_sliderspace(denoiser, embedder, images, directions, explained, job.prompt, config,
                                 name=ADAPTER, resume=[None] * j + [resume], checkpoint_dir=checkpoint.parent,
                                 progress=False, only=[j])
     return results[0]
-
-
-def write_safetensors(tensors: dict, metadata: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)  # atomic: a rank computing the same file at the same time writes the same bytes
 
 
 def launch(job_file: str | Path, processes: int, max_restarts: int = 3, threads: int | None = None) -> int:
