@@ -10,6 +10,12 @@ seeded random values (rounded to bfloat16, the official save precision), and
 - `module_sets.json` lists the LoRA names each method wraps on each model.
 tests/test_official_files.py then loads the files through `sliders_core.formats` and checks the
 outputs and the presets against them, without needing the checkout.
+
+Flux (`flux-sliders/utils/lora.py`, the official Flux notebook's network): on the tiny Flux
+transformer the tests build, its `LoRANetwork` ("full": every attention projection of both block
+kinds) with seeded weights writes `tiny-flux-full.pt` and `flux-expected.safetensors` (a fixed
+input, the official output at two strengths). The one patch: its module filter names diffusers'
+old `Attention` class, which diffusers ≥ 0.35 calls `FluxAttention` on Flux.
 """
 
 from __future__ import annotations
@@ -68,10 +74,52 @@ def unet_output(denoiser, unet, inputs: dict[str, torch.Tensor]) -> torch.Tensor
         return unet(inputs["x"], inputs["level"], encoder_hidden_states=inputs["context"], **kwargs).sample
 
 
+def flux_fixtures(checkout: str) -> None:
+    import importlib.util
+
+    from sliders_core.backends.flow_backend import FlowDenoiser
+    from sliders_core.denoiser import Cond
+    from sliders_core.tiny import tiny_flux_pipeline
+
+    source = Path(checkout).resolve() / "flux-sliders" / "utils" / "lora.py"
+    spec = importlib.util.spec_from_file_location("official_flux_lora", source)
+    lora = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lora)
+    lora.DEFAULT_TARGET_REPLACE[:] = ["FluxAttention"]  # diffusers' current name of the class it targets
+    denoiser = FlowDenoiser(tiny_flux_pipeline(seed=0))
+    gen = torch.Generator().manual_seed(0)
+    cfg = denoiser.transformer.config
+    inputs = {"x": torch.randn(1, 16, 16, 16, generator=gen), "level": torch.tensor([500.0]),
+              "context": torch.randn(1, 8, cfg.joint_attention_dim, generator=gen),
+              "pooled": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}
+    cond = Cond({"context": inputs["context"], "pooled": inputs["pooled"]})
+    network = lora.LoRANetwork(denoiser.transformer, rank=2, multiplier=1.0, alpha=1.0, train_method="full")
+    with torch.no_grad():
+        for m in network.unet_loras:
+            for weight in (m.lora_down.weight, m.lora_up.weight):
+                weight.copy_((torch.randn(weight.shape, generator=gen) * 0.2).bfloat16().float())
+    expected = {f"input/{k}": v for k, v in inputs.items()}
+    with torch.no_grad():
+        for strength in STRENGTHS:
+            network.set_lora_slider(strength)
+            with network:
+                expected[f"tiny-flux-full/{strength}"] = denoiser.predict(inputs["x"], inputs["level"], cond)
+        expected["tiny-flux-full/0"] = denoiser.predict(inputs["x"], inputs["level"], cond)
+    network.save_weights(OUT / "tiny-flux-full.pt", dtype=torch.bfloat16)
+    save_file(expected, OUT / "flux-expected.safetensors")
+    print(f"tiny-flux-full: {len(network.unet_loras)} modules")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", required=True, help="a checkout of rohitgandikota/sliders")
+    parser.add_argument("--only", choices=("unet", "flux"), help="write only the UNet or only the Flux fixtures")
     args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.only != "unet":
+        flux_fixtures(args.official)
+    if args.only == "flux":
+        return
     lora = import_official(args.official)["lora"]
     OUT.mkdir(parents=True, exist_ok=True)
     expected: dict[str, torch.Tensor] = {}

@@ -28,7 +28,7 @@ from .inversion import METHODS as INVERSION_METHODS
 from .inversion import InversionConfig
 from .sliderspace import ROTATIONS, SliderSpaceConfig
 
-EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl")
+EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl", "tiny-flux", "tiny-sd3")
 DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
 # The demo: a size slider on the shapes model, colours held fixed (η on their mean push).
 DEMO_PROMPTS = {
@@ -39,7 +39,7 @@ DEMO_PROMPTS = {
 
 def load_model(spec: str, config: str | None = None, device: str = "cpu"):
     from .backends.diffusers_backend import DiffusersDenoiser, load_diffusers_model
-    from .tiny import tiny_sd1_pipeline, tiny_sdxl_pipeline
+    from .tiny import tiny_flux_pipeline, tiny_sd1_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
     if spec == "shapes":
         from .shapes.model import SHAPES_MODEL_DIR
@@ -52,6 +52,10 @@ def load_model(spec: str, config: str | None = None, device: str = "cpu"):
         return DiffusersDenoiser(tiny_sd1_pipeline().to(device))
     if spec == "tiny-sdxl":
         return DiffusersDenoiser(tiny_sdxl_pipeline().to(device))
+    if spec in ("tiny-flux", "tiny-sd3"):
+        from .backends.flow_backend import FlowDenoiser
+
+        return FlowDenoiser((tiny_flux_pipeline if spec == "tiny-flux" else tiny_sd3_pipeline)().to(device))
     return load_diffusers_model(spec, config=config, device=device)
 
 

@@ -17,7 +17,8 @@ LAYER_KINDS = ("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out", "
                "resnet", "sampler", "other",
                # flow transformers (Flux, SD3 / SD3.5 MMDiT), by the host's own module paths
                "joint_attn", "single_block", "dit_mlp", "modulation")
-_DIT_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.")
+# the block lists of a flow transformer: the host's names (Flux, SD3), then diffusers' (both families)
+_DIT_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks.", "single_transformer_blocks.")
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 _SAMPLER_CONV = (".downsamplers.0.conv", ".upsamplers.0.conv")
@@ -53,6 +54,20 @@ def classify_dit_module(path: str) -> str:
     if re.search(r"(_mod\.lin|modulation\.lin|adaLN_modulation\.\d+)$", path):
         return "modulation"
     return "other"  # patch / text / time / guidance embeddings and the final layer
+
+
+def classify_diffusers_dit_module(path: str) -> str:
+    """The same kinds for diffusers' names of Flux (`FluxTransformer2DModel`) and SD3 / SD3.5
+    (`SD3Transformer2DModel`): their q/k/v are separate layers where the host fuses them."""
+    if re.search(r"^transformer_blocks\.\d+\.attn2?\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)$", path):
+        return "joint_attn"
+    if re.search(r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$", path):
+        return "single_block"
+    if re.search(r"^transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)$", path):
+        return "dit_mlp"
+    if re.search(r"\.norm1?(_context)?\.linear$", path):
+        return "modulation"
+    return "other"
 
 
 def is_dit(paths) -> bool:

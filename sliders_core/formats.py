@@ -2,10 +2,14 @@
 
 Written: safetensors with kohya keys ``lora_unet_<diffusers module path, . → _>`` and
 ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` plus string metadata — the form ComfyUI's
-stock LoraLoader, A1111/Forge and diffusers all read.
+stock LoraLoader, A1111/Forge and diffusers all read. Flow transformers named by diffusers (Flux,
+SD3 from the core's diffusers backend) are written as ``transformer.<path>.lora_A.weight`` /
+``.lora_B.weight`` with alpha / rank folded into B: the form diffusers' Flux and SD3 loaders and
+ComfyUI's read (ComfyUI maps no ``lora_unet_<diffusers path>`` key on those families).
 
 Read (each converted to `SliderWeights` keyed by diffusers module path):
-- kohya with diffusers module names (ours, the official sliders' ``.pt`` files),
+- kohya with diffusers module names (ours, the official sliders' ``.pt`` files, their Flux ones too),
+  also under OneTrainer's ``lora_transformer_`` and SimpleTuner's ``lycoris_`` prefixes,
 - kohya with LDM module names (``lora_unet_input_blocks_1_1_...``),
 - ComfyUI ``diffusion_model.<LDM path>.lora_up.weight / .lora_down.weight / .alpha``,
 - peft ``<path>.lora_A.weight / .lora_B.weight`` (optionally ``base_model.model.`` / ``unet.``
@@ -22,7 +26,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,9 @@ from .slider_weights import META_FAMILY, LoraModule, SliderWeights
 log = logging.getLogger(__name__)
 
 KOHYA_UNET_PREFIX = "lora_unet_"
+# kohya-style prefixes trainers put before a flow transformer's diffusers module names
+DIT_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
+DIFFUSERS_DIT_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 COMFY_UNET_PREFIX = "diffusion_model."
 SLIDER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
@@ -143,19 +150,30 @@ class UnetNaming:
                  ldm_names: Mapping[str, str] | None = None,
                  weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
                  aliases: Mapping[str, str] | None = None,
-                 slices: Mapping[str, tuple[str, int, int]] | None = None):
+                 slices: Mapping[str, tuple[str, int, int]] | None = None,
+                 convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         """`ldm_names` (diffusers path → LDM path) comes from a host that knows it (ComfyUI);
         otherwise it is derived from a diffusers `unet_config`. `weight_shapes` (path → the base
         weight's shape) lets a file that does not fit be refused with the module and the reason.
         Flow transformers, whose paths are the host's own: `aliases` maps another name of a whole
         module (diffusers' `transformer_blocks.0.attn.to_out.0`) to it, and `slices` maps a module
         that the host fuses with others (diffusers' to_q / to_k / to_v → one qkv) to (path, first
-        output row, rows)."""
+        output row, rows). `convert` rewrites a file in a form only the host's library knows (diffusers'
+        Flux loader: kohya files with BFL names, XLabs, …) into one of ours, for files nothing here matches."""
         self.module_paths = set(module_paths)
         self.weight_shapes = dict(weight_shapes or {})
         self.aliases = {a: p for a, p in (aliases or {}).items() if p in self.module_paths}
         self.slices = {a: v for a, v in (slices or {}).items() if v[0] in self.module_paths}
         self._by_stem = {kohya_stem(p): p for p in self.module_paths}
+        self._slice_by_stem: dict[str, tuple[str, int, int]] = {}
+        for prefix in DIT_KOHYA_PREFIXES:  # diffusers names of a flow transformer, in kohya form
+            for path in self.module_paths if self.module_paths and is_diffusers_dit(self.module_paths) else ():
+                self._by_stem.setdefault(prefix + path.replace(".", "_"), path)
+            for alias, path in self.aliases.items():
+                self._by_stem.setdefault(prefix + alias.replace(".", "_"), path)
+            for piece, target in self.slices.items():
+                self._slice_by_stem[prefix + piece.replace(".", "_")] = target
+        self.convert = convert
         if ldm_names is None and unet_config is not None and "down_block_types" in unet_config:
             blocks = unet_block_prefixes(unet_config)
             ldm_names = {p: _convert_module_path(p, blocks, to_ldm=True) for p in self.module_paths}
@@ -179,14 +197,22 @@ class UnetNaming:
     def slice_of(self, path: str) -> tuple[str, int, int] | None:
         return self.slices.get(path.removeprefix("transformer."))
 
+    def slice_of_stem(self, stem: str) -> tuple[str, int, int] | None:
+        return self._slice_by_stem.get(stem)
+
+
+def is_diffusers_dit(paths: Iterable[str]) -> bool:
+    """Module paths of a diffusers flow transformer (FluxTransformer2DModel, SD3Transformer2DModel)."""
+    return any(p.startswith(DIFFUSERS_DIT_BLOCKS) for p in paths)
+
 
 # ---------------------------------------------------------------------------------------------
 # state dict ↔ SliderWeights
 # ---------------------------------------------------------------------------------------------
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     # (form, regex with groups: module, part) — part is down / up / alpha
-    ("kohya", re.compile(r"^(lora_unet_\w+?)\.(lora_down|lora_up)\.weight$")),
-    ("kohya", re.compile(r"^(lora_unet_\w+?)\.(alpha)$")),
+    ("kohya", re.compile(r"^((?:lora_unet|lora_transformer|lycoris)_\w+?)\.(lora_down|lora_up)\.weight$")),
+    ("kohya", re.compile(r"^((?:lora_unet|lora_transformer|lycoris)_\w+?)\.(alpha)$")),
     ("comfy", re.compile(r"^diffusion_model\.(.+)\.(lora_down|lora_up)\.weight$")),
     ("comfy", re.compile(r"^diffusion_model\.(.+)\.(alpha)$")),
     ("peft", re.compile(r"^(?:base_model\.model\.)?(?:unet\.)?(.+)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")),
@@ -197,7 +223,13 @@ _PART = {"lora_down": "down", "lora_up": "up", "lora_A": "down", "lora_B": "up",
 
 
 def to_kohya_state_dict(weights: SliderWeights) -> dict[str, torch.Tensor]:
+    """The written form (module docstring): kohya, or diffusers' for a diffusers-named flow transformer."""
     out: dict[str, torch.Tensor] = {}
+    if is_diffusers_dit(weights.modules):
+        for path, module in sorted(weights.modules.items()):
+            out[f"transformer.{path}.lora_A.weight"] = module.down.detach().contiguous().cpu()
+            out[f"transformer.{path}.lora_B.weight"] = (module.up.detach() * (module.alpha / module.rank)).contiguous().cpu()
+        return out
     for path, module in sorted(weights.modules.items()):
         stem = kohya_stem(path)
         out[f"{stem}.lora_down.weight"] = module.down.detach().contiguous().cpu()
@@ -209,6 +241,8 @@ def to_kohya_state_dict(weights: SliderWeights) -> dict[str, torch.Tensor]:
 def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
                     metadata: Mapping[str, str] | None = None, source: str = "slider") -> SliderWeights:
     """Any supported key form → SliderWeights keyed by the model's diffusers module paths."""
+    if naming.convert is not None and not all(_known(key, naming) for key in state):
+        state = naming.convert(dict(state))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     fused: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = {}  # path → (first row, rows) → part
     unknown, unmatched, skipped_te = [], [], []
@@ -226,6 +260,10 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         module_key, part = match.group(1), _PART[match.group(2)]
         if form == "kohya":
             path = naming.from_kohya(module_key)
+            piece = naming.slice_of_stem(module_key) if path is None else None
+            if piece is not None:
+                fused.setdefault(piece[0], {}).setdefault(piece[1:], {})[part] = tensor
+                continue
         elif form == "comfy":
             path = naming.from_ldm(module_key) or naming.from_dotted(module_key)
         else:
@@ -265,6 +303,20 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
         modules[path] = LoraModule(down=down, up=up, alpha=alpha)
     return SliderWeights(modules=modules, metadata=dict(metadata or {}))
+
+
+def _known(key: str, naming: UnetNaming) -> bool:
+    """Whether `from_state_dict` can place this key without the host's converter."""
+    for form, pattern in _PATTERNS:
+        match = pattern.match(key)
+        if match:
+            module = match.group(1)
+            if form == "kohya":
+                return naming.from_kohya(module) is not None or naming.slice_of_stem(module) is not None
+            if form == "comfy":
+                return (naming.from_ldm(module) or naming.from_dotted(module)) is not None
+            return naming.from_dotted(module) is not None or naming.slice_of(module) is not None
+    return key.startswith(("lora_te", "text_encoder", "te_"))
 
 
 def _fuse(source: str, path: str, pieces: dict[tuple[int, int], dict[str, torch.Tensor]],

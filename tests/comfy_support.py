@@ -68,6 +68,21 @@ def comfyui_dir() -> pathlib.Path | None:
     return pathlib.Path(value).expanduser().resolve()
 
 
+def load_pack():
+    """The pack as ComfyUI loads it: a package (`concept_sliders_pack`) whose nodes import `..sliders_core`
+    relatively. Call after import_comfy()."""
+    import importlib.util
+
+    name, root = "concept_sliders_pack", pathlib.Path(__file__).resolve().parents[1]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    import concept_sliders_pack.nodes.comfy_backend  # noqa: F401
+    return sys.modules[name]
+
+
 def import_comfy() -> dict[str, Any]:
     """Make ComfyUI importable (CPU) and import the modules the tests use.
 

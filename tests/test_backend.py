@@ -16,7 +16,9 @@ def test_model_folder_loads_offline_and_matches_the_in_memory_model(sd1_folder, 
     assert loaded.family == sd1.family
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([321])
     with torch.no_grad():
-        assert torch.equal(loaded.predict(x, t, loaded.encode(["a dog"])), sd1.predict(x, t, sd1.encode(["a dog"])))
+        # equal weights, equal function; oneDNN may pick another kernel for a separately built model (±1e-6)
+        torch.testing.assert_close(loaded.predict(x, t, loaded.encode(["a dog"])), sd1.predict(x, t, sd1.encode(["a dog"])),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_family_file_in_a_model_folder_names_the_family(sd1_folder, tmp_path):

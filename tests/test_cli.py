@@ -152,3 +152,18 @@ def test_train_passes_the_disentanglement_options_into_the_slider_file(tmp_path,
     code, _, err = run(capsys, "train", "--model", sd1_folder, "--prompts", prompt_file, "--out-dir", tmp_path,
                        "--name", "bad", "--iterations", 2, "--level-range", 0.9, 0.2)
     assert code == 2 and "level_range" in err
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_cli_trains_and_renders_a_flow_transformer_slider(tmp_path, prompt_file, capsys, model):
+    code, summary, err = run(capsys, "train", "--model", model, "--prompts", prompt_file, "--out-dir", tmp_path,
+                             "--name", "flow", "--iterations", 3, "--resolution", 32, "--layers", "dit-attn")
+    assert code == 0, err
+    code, info, _ = run(capsys, "info", summary["slider"])
+    assert code == 0 and info["example_keys"][0].startswith("transformer.transformer_blocks.")
+    code, _, err = run(capsys, "generate", "--model", model, "--prompt", "a circle", "--slider", summary["slider"],
+                       "--steps", 2, "--resolution", 32, "--out", tmp_path / "g.png")
+    assert code == 0 and (tmp_path / "g.png").is_file(), err
+    code, _, err = run(capsys, "train", "--model", model, "--prompts", prompt_file, "--out-dir", tmp_path,
+                       "--name", "bad", "--iterations", 1, "--resolution", 32)  # the UNet default preset
+    assert code == 2 and "dit-attn" in err

@@ -1,7 +1,5 @@
 """ComfyUI tier, in-process: the pack's nodes and backend on tiny ComfyUI models (needs COMFYUI_DIR)."""
 
-import importlib.util
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,19 +17,7 @@ except comfy_support.ComfyUnavailable as exc:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_pack():
-    """The pack as ComfyUI loads it: a package whose nodes import `..sliders_core` relatively."""
-    name = "concept_sliders_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    import concept_sliders_pack.nodes.comfy_backend  # noqa: F401
-    return sys.modules[name]
-
-
-PACK = _load_pack()
+PACK = comfy_support.load_pack()
 from concept_sliders_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from concept_sliders_pack.nodes.comfy_backend import ComfyDenoiser  # noqa: E402
 from concept_sliders_pack.nodes.common import SliderFile  # noqa: E402

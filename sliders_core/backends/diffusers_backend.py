@@ -16,7 +16,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FluxPipeline,
     SchedulerMixin,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -282,12 +284,18 @@ class DiffusersDenoiser:
 _REQUIRED = {
     "StableDiffusionPipeline": ("unet", "text_encoder", "tokenizer", "scheduler"),
     "StableDiffusionXLPipeline": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    # flow transformers (backends/flow_backend.py); SD3's T5 (text_encoder_3) is optional, as in diffusers
+    "FluxPipeline": ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"),
+    "StableDiffusion3Pipeline": ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                 "scheduler", "vae"),
 }
+_FLOW_PIPELINES = {"FluxPipeline": FluxPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
 
 
 def load_diffusers_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                         config: str | Path | None = None, family: str | None = None) -> DiffusersDenoiser:
-    """A diffusers folder (model_index.json) or a single-file .safetensors/.ckpt checkpoint, offline."""
+                         config: str | Path | None = None, family: str | None = None):
+    """A diffusers folder (model_index.json) or a single-file .safetensors/.ckpt checkpoint, offline →
+    a DiffusersDenoiser (UNet families) or a FlowDenoiser (Flux, SD3 folders)."""
     path = Path(path)
     if not path.exists():
         raise SliderError(f"model not found: {path}")
@@ -301,6 +309,10 @@ def load_diffusers_model(path: str | Path, *, dtype: torch.dtype = torch.float32
             defaults = {k: info[f"sample_{k}"] for k in ("steps", "guidance") if f"sample_{k}" in info}
     else:
         pipe = _load_single_file(path, dtype, config)
+    if isinstance(pipe, tuple(_FLOW_PIPELINES.values())):
+        from .flow_backend import FlowDenoiser
+
+        return FlowDenoiser(pipe.to(device), family=family, sample_defaults=defaults)
     return DiffusersDenoiser(pipe.to(device), family=family, sample_defaults=defaults)
 
 
@@ -319,8 +331,11 @@ def _load_folder(path: Path, dtype: torch.dtype):
     if missing:
         raise SliderError(f"{path}: the model folder is missing {missing}; copy the complete diffusers "
                           "folder (nothing can be downloaded)")
-    cls = StableDiffusionXLPipeline if class_name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    cls = _FLOW_PIPELINES.get(class_name) or (
+        StableDiffusionXLPipeline if class_name == "StableDiffusionXLPipeline" else StableDiffusionPipeline)
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    if class_name == "StableDiffusion3Pipeline" and index.get("text_encoder_3", [None])[0] is None:
+        extra.update(text_encoder_3=None, tokenizer_3=None)
     if index.get("vae", [None])[0] is None:
         extra["vae"] = None  # pixel-space model (e.g. the shapes model): diffusers needs it passed explicitly
     try:

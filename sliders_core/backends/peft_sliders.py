@@ -1,10 +1,10 @@
-"""SliderHost for diffusers UNets: each slider is one named peft LoRA adapter with its own scale."""
+"""SliderHost for diffusers UNets and transformers: each slider is one named peft LoRA adapter with its own scale."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +35,8 @@ class _Merge:
 
 
 class PeftSliderHost:
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, classify: Callable[[str], str] = classify_unet_module):
+        """`unet`: the denoiser (a UNet, or a flow transformer with its own `classify`)."""
         self.unet = unet
         self._merge: _Merge | None = None
         self._trainable: set[str] = set()
@@ -46,7 +47,7 @@ class PeftSliderHost:
         self._active: tuple[str, ...] | None = None
         layers = {path: module for path, module in unet.named_modules()
                   if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
-        self._candidates = {path: classify_unet_module(path) for path in layers}
+        self._candidates = {path: classify(path) for path in layers}
         self._shapes = {path: tuple(module.weight.shape) for path, module in layers.items()}
 
     # -- SliderHost -----------------------------------------------------------------------------

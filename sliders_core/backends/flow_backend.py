@@ -1,0 +1,251 @@
+"""Denoiser over diffusers flow-matching transformers: Flux (dev, schnell) and SD3 / SD3.5.
+
+The state is the latent x_t = (1 − σ)·x0 + σ·ε and the model predicts the velocity ε − x0. Levels
+are the scheduler's timesteps (σ·1000), the unit both pipelines sample in. Flux is guidance
+distilled: it runs without CFG, dev with its guidance as an input; SD3 samples with CFG. Latents
+stay image shaped [B, C, H, W] for the core; Flux's 2×2 token packing happens inside `predict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from tqdm.auto import tqdm
+
+from ..config import classify_diffusers_dit_module
+from ..denoiser import Cond, SampleCallback, SliderSchedule, Trajectory
+from ..errors import SliderError
+from ..formats import UnetNaming
+from .peft_sliders import PeftSliderHost
+
+FLUX_GUIDANCE = 3.5  # Flux-dev's distilled guidance when none is given (the ComfyUI backend's default too)
+MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256}  # the pipelines' T5 token defaults
+
+
+def detect_flow_family(transformer, is_flux: bool) -> str:
+    """The family names the ComfyUI backend gives the same checkpoints, so their sliders are shared."""
+    cfg = transformer.config
+    if is_flux:
+        if (cfg.num_layers, cfg.num_single_layers, cfg.attention_head_dim * cfg.num_attention_heads) == (19, 38, 3072):
+            return "flux" if cfg.guidance_embeds else "flux-schnell"
+        kind = "flux" if cfg.guidance_embeds else "flux-schnell"
+        return f"{kind}-custom-h{cfg.attention_head_dim * cfg.num_attention_heads}-d{cfg.num_layers}-s{cfg.num_single_layers}"
+    width = cfg.attention_head_dim * cfg.num_attention_heads
+    if width in (1536, 2432) and cfg.joint_attention_dim == 4096:  # SD3 Medium, SD3.5 Medium / Large
+        return "sd3"
+    return f"sd3-custom-h{width}-d{cfg.num_layers}"
+
+
+class FlowDenoiser:
+    def __init__(self, pipe: FluxPipeline | StableDiffusion3Pipeline, family: str | None = None,
+                 sample_defaults: dict | None = None):
+        if not isinstance(pipe, (FluxPipeline, StableDiffusion3Pipeline)):
+            raise SliderError(f"FlowDenoiser takes a FluxPipeline or StableDiffusion3Pipeline, got {type(pipe).__name__}")
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.is_flux = isinstance(pipe, FluxPipeline)
+        self.transformer.requires_grad_(False)
+        for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            if getattr(pipe, part, None) is not None:
+                getattr(pipe, part).requires_grad_(False)
+        self._device, self._dtype = self.transformer.device, self.transformer.dtype  # read once (see diffusers backend)
+        self.family = family or detect_flow_family(self.transformer, self.is_flux)
+        self.sliders = PeftSliderHost(self.transformer, classify=classify_diffusers_dit_module)
+        # Flux files in forms only diffusers knows (kohya with BFL names `lora_unet_double_blocks_…`, XLabs)
+        # go through diffusers' own Flux converter
+        self.naming = UnetNaming(self.sliders.lora_candidates(), weight_shapes=self.sliders.weight_shapes(),
+                                 convert=FluxPipeline.lora_state_dict if self.is_flux else None)
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.patch = 2 if self.is_flux else int(self.transformer.config.patch_size)
+        if self.is_flux:  # Flux has no native size in its config: 1024² for the real one, 16 latent pixels otherwise
+            side = 128 if self.family in ("flux", "flux-schnell") else 16
+        else:
+            side = int(self.transformer.config.sample_size)
+        self.default_resolution = side * self.latent_factor
+        # Flux-dev takes its guidance as an input and runs without CFG; schnell has none
+        self.guidance_input = FLUX_GUIDANCE if self.is_flux and self.transformer.config.guidance_embeds else None
+        self.cfg_free = self.is_flux
+        tokenizer = pipe.tokenizer_2 if self.is_flux else getattr(pipe, "tokenizer_3", None)
+        limit = MAX_SEQUENCE_LENGTH["flux" if self.is_flux else "sd3"]
+        self.max_sequence_length = min(limit, tokenizer.model_max_length) if tokenizer is not None else limit
+        self.forward_count = 0
+        self.sample_defaults = dict(sample_defaults or {})
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self) -> Iterator[None]:
+        self.transformer.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            self.transformer.disable_gradient_checkpointing()
+
+    # -- text -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        prompts = list(prompts)
+        device = self.pipe.text_encoder.device
+        if self.is_flux:
+            context, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length)
+        else:
+            context, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+        return Cond({"context": context.to(self.device), "pooled": pooled.to(self.device)})
+
+    def offload_text_encoders(self) -> None:
+        for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipe, part, None) is not None:
+                getattr(self.pipe, part).to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- model ----------------------------------------------------------------------------------
+    def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if len(cond) != x_t.shape[0] or level.shape != (x_t.shape[0],):
+            raise ValueError(f"batch mismatch: x {tuple(x_t.shape)}, level {tuple(level.shape)}, cond {len(cond)}")
+        device, dtype = self._device, self._dtype
+        b, c, h, w = x_t.shape
+        context, pooled = cond.tensors["context"].to(dtype), cond.tensors["pooled"].to(dtype)
+        self.forward_count += b
+        if not self.is_flux:
+            out = self.transformer(hidden_states=x_t.to(dtype), timestep=level.to(device), encoder_hidden_states=context,
+                                   pooled_projections=pooled, return_dict=False)[0]
+            return out.float()
+        tokens = FluxPipeline._pack_latents(x_t.to(dtype), b, c, h, w)
+        guidance = None if self.guidance_input is None else torch.full((b,), self.guidance_input, device=device)
+        out = self.transformer(
+            hidden_states=tokens, timestep=(level.to(device) / 1000).to(dtype), guidance=guidance,
+            pooled_projections=pooled, encoder_hidden_states=context,
+            txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype), return_dict=False)[0]
+        f = self.latent_factor
+        return FluxPipeline._unpack_latents(out, h * f, w * f, f).float()
+
+    def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+        multiple = self.latent_factor * self.patch
+        if resolution < multiple or resolution % multiple:
+            raise SliderError(f"resolution {resolution} must be a positive multiple of {multiple} for this model")
+        side = resolution // self.latent_factor
+        return torch.randn((batch, self.latent_channels, side, side), generator=generator).to(self.device)
+
+    # -- the flow schedule ------------------------------------------------------------------------
+    def new_scheduler(self, steps: int, latent_side: int | None = None) -> FlowMatchEulerDiscreteScheduler:
+        """The pipeline's own schedule: Flux shifts it by the image's token count (its `mu`), SD3 by a constant."""
+        scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            scheduler.set_timesteps(steps, device=self.device)
+            return scheduler
+        side = latent_side or self.default_resolution // self.latent_factor
+        tokens = (side // self.patch) ** 2
+        cfg = scheduler.config
+        mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
+        return scheduler
+
+    def _sigma(self, level: torch.Tensor) -> torch.Tensor:
+        return (level.to(self._device).float() / 1000).view(-1, 1, 1, 1)
+
+    def random_levels(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        # σ uniform in (0, 1]: the flow analogue of uniform DDPM timesteps (no shift, no logit-normal weighting)
+        return ((1 - torch.rand(batch, generator=generator)) * 1000).to(self.device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(level)
+        return (1 - sigma) * x0.float() + sigma * noise.float()
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return noise.float() - x0.float()
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
+               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
+               record: bool = False, generator: torch.Generator | None = None,
+               progress: bool = False, callback: SampleCallback | None = None) -> Trajectory:
+        """Euler on the flow. SD3: CFG at `guidance`. Flux: no CFG (`guidance`, `uncond` unused); dev at its
+        distilled guidance input."""
+        scheduler = self.new_scheduler(steps, noise.shape[-1])
+        timesteps = scheduler.timesteps
+        per_step = not isinstance(uncond, Cond)
+        if per_step and len(uncond) != len(timesteps):
+            raise SliderError(f"{len(uncond)} unconditional embeddings for {len(timesteps)} steps")
+        batch = noise.shape[0]
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        x = noise.to(self.device).float()
+        trajectory = Trajectory(final=x)
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+            if slider_schedule is not None:
+                scales = slider_schedule(i, len(timesteps))
+                if scales is not None:
+                    self.sliders.set_scales(scales)
+            level = t.expand(batch)
+            c = cond.for_batch(batch)
+            if guidance == 1.0 or self.cfg_free:
+                out = out_c = self.predict(x, level, c)
+            else:
+                u = (uncond[i] if per_step else uncond).for_batch(batch)
+                out_u, out_c = self.predict(torch.cat([x, x]), torch.cat([level, level]), Cond.cat([u, c])).chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+            if record:
+                trajectory.states.append(x.detach().clone())
+                trajectory.levels.append(level.detach().clone())
+                trajectory.cond_outputs.append(out_c.detach().clone())
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample.float()
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+        trajectory.final = x
+        return trajectory
+
+    # -- deterministic steps (the flow ODE is already deterministic: Euler both ways) ------------
+    def ddim_levels(self, steps: int) -> torch.Tensor:
+        """The sampling schedule at the native resolution, then 0 (the clean image)."""
+        if steps < 1:
+            raise SliderError(f"steps must be ≥ 1, got {steps}")
+        timesteps = self.new_scheduler(steps).timesteps.float().cpu()
+        return torch.cat([timesteps, torch.zeros(1)])
+
+    def state_at(self, x: torch.Tensor, level: torch.Tensor, new_level: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def ddim_step(self, x: torch.Tensor, output: torch.Tensor, level: torch.Tensor,
+                  next_level: torch.Tensor) -> torch.Tensor:
+        return x.float() + (self._sigma(next_level) - self._sigma(level)) * output.float()
+
+    def model_signature(self) -> list[float]:
+        first = "x_embedder" if self.is_flux else "pos_embed.proj"
+        return [float(self.transformer.get_submodule(m).weight.detach().double().norm()) for m in (first, "proj_out")]
+
+    # -- images ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = images[..., :3].permute(0, 3, 1, 2).float().to(self._device) * 2 - 1
+        multiple = self.latent_factor * self.patch
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise SliderError(f"image size {tuple(x.shape[-2:])} must be a multiple of {multiple}")
+        cfg = self.vae.config
+        latents = torch.cat([self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.mean for chunk in x.split(4)])
+        return (latents.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        cfg = self.vae.config
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            latents = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            images = (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return images if differentiable else images.cpu()
