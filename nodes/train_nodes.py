@@ -61,11 +61,11 @@ def training_inputs(iterations: int, slider_name: str, resolution_tooltip: str) 
         "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
         "alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 128.0, "step": 0.5,
                   "tooltip": "LoRA alpha; the scale is alpha / rank."}),
-        "layers": (list(LAYER_PRESETS), {"default": "noxattn", "tooltip":
-                   "Which layers carry the slider. The official sliders' training methods select exactly "
-                   "their layers (noxattn, their default: self-attention, resnets and sampler convs). On Flux "
-                   "and SD3 use a dit-* preset (dit-attn: joint attention only, as the reference trains Flux). "
-                   + layer_presets_help()}),
+        "layers": (list(LAYER_PRESETS), {"default": "auto", "tooltip":
+                   "Which layers carry the slider. auto: the official default for the model, noxattn on SD1.x/SD2/"
+                   "SDXL (self-attention, resnets and sampler convs), dit-attn on Flux and SD3 (joint attention "
+                   "only, as the reference trains Flux). The official sliders' training methods select exactly "
+                   "their layers. " + layer_presets_help()}),
         "iterations": ("INT", {"default": iterations, "min": 1, "max": 100000, "tooltip": "Training steps."}),
         "lr": ("FLOAT", {"default": 2e-4, "min": 1e-6, "max": 0.1, "step": 1e-5, "tooltip": "AdamW learning rate."}),
         "resolution": ("INT", {"default": NATIVE, "min": 0, "max": 2048, "step": 8, "tooltip":

@@ -156,6 +156,16 @@ LAYER_PRESETS: dict[str, tuple[Callable[[str, str], bool], str]] = {
                 "two-stream blocks"),
 }
 DIT_DEFAULT = "dit-attn"
+AUTO_LAYERS = "auto"  # the trainer's own default for the model in hand (RunOptions.auto_layers on UNets)
+LAYER_PRESETS[AUTO_LAYERS] = (lambda path, kind: False, "the trainer's default for this model: noxattn on UNets "
+                              f"(SliderSpace: xattn_kv), {DIT_DEFAULT} on flow transformers (Flux, SD3)")
+
+
+def resolve_layers(layers: str, candidates, unet_default: str = "noxattn") -> str:
+    """`auto` → the preset it stands for on this model; any other preset as it is."""
+    if layers != AUTO_LAYERS:
+        return layers
+    return DIT_DEFAULT if is_dit(candidates) else unet_default
 
 
 def layer_presets_help() -> str:
@@ -166,7 +176,7 @@ def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
     """The candidate module paths (path → kind) a layer preset selects, sorted."""
     if layers not in LAYER_PRESETS:
         raise SliderError(f"layers must be one of {sorted(LAYER_PRESETS)}, got {layers!r}")
-    selects = LAYER_PRESETS[layers][0]
+    selects = LAYER_PRESETS[resolve_layers(layers, candidates)][0]
     modules = sorted(p for p, kind in candidates.items() if selects(p, kind))
     if not modules and is_dit(candidates):
         dit = ", ".join(name for name in LAYER_PRESETS if name.startswith("dit-"))
@@ -186,6 +196,13 @@ MAX_ETA = 50.0  # the reference uses 1–4; beyond this the target is dominated 
 
 class RunOptions:
     """What every trainer's options dataclass shares: its record in the slider file's metadata."""
+
+    auto_layers = "noxattn"  # what layers="auto" selects on a UNet (not a field: a property of the trainer)
+
+    def with_layers_for(self, candidates):
+        """These options with `layers="auto"` replaced by the preset it means on this model, so the file
+        records what was trained."""
+        return dataclasses.replace(self, layers=resolve_layers(self.layers, candidates, self.auto_layers))
 
     def to_metadata(self) -> dict[str, str]:
         return {"sliders.train_config": json.dumps(dataclasses.asdict(self), sort_keys=True)}

@@ -65,6 +65,7 @@ def train_pair_slider(
 ) -> TrainResult:
     """Train one slider from image pairs; returns its weights (with metadata). The slider stays attached."""
     config.validate()
+    config = config.with_layers_for(denoiser.sliders.lora_candidates())
     if len(pairs) == 0:
         raise SliderError("no image pairs to train on")
     run = SliderRun(denoiser, name, config, resume=resume, checkpoint_path=checkpoint_path, callback=callback,

@@ -143,13 +143,15 @@ def independent_rotation(whitened: torch.Tensor, seed: int = 0, iterations: int 
 
 @dataclass
 class SliderSpaceConfig(BatchedRunOptions):
-    """Per-direction slider options. The reference trains rank-1 sliders on cross-attention keys and values."""
+    """Per-direction slider options. The reference trains rank-1 sliders on cross-attention keys and values
+    (`auto`: those on UNets, joint attention on flow transformers, whose host fuses text k/v with q)."""
 
+    auto_layers = "xattn_kv"
     rank: int = 1
     alpha: float = 1.0
     lr: float = 1e-2  # on the shapes model 2e-3 aligned the embeddings but barely changed the samples
     iterations: int = 200  # per slider
-    layers: str = "xattn_kv"
+    layers: str = "auto"
     seed: int = 0
     batch_size: int = 4
     save_every: int = 0
@@ -183,6 +185,7 @@ def train_sliderspace(denoiser: Denoiser, embedder: ImageEmbedder, images: Conce
     `resume[j]` continues direction j's slider (one that is complete is kept as it is); `callback`
     counts the steps of all K sliders together; `only`: just these directions (one process's share)."""
     config.validate()
+    config = config.with_layers_for(denoiser.sliders.lora_candidates())
     if len(directions) != len(explained):
         raise SliderError(f"{len(directions)} directions but {len(explained)} explained variances")
     cond = denoiser.encode([concept])

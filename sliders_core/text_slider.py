@@ -123,6 +123,7 @@ def train_text_slider(
 ) -> TrainResult:
     """Train one slider on `denoiser`; returns its weights (with metadata). The slider stays attached."""
     config.validate()
+    config = config.with_layers_for(denoiser.sliders.lora_candidates())
     if not pairs:
         raise SliderError("no prompt pairs to train on")
     resolution = config.resolution or pairs[0].resolution or denoiser.default_resolution

@@ -291,13 +291,13 @@ def tiny_sd3_patcher(seed: int = 0, **overrides):
     return patcher
 
 
-def tiny_vae(seed: int = 2):
-    """A ComfyUI VAE object over a randomly initialised TAESD (8× down, 4 latent channels)."""
+def tiny_vae(seed: int = 2, latent_channels: int = 4):
+    """A ComfyUI VAE object over a randomly initialised TAESD (8× down; 4 latent channels, 16 for Flux / SD3)."""
     c = import_comfy()
     import comfy.taesd.taesd
     import torch
 
-    taesd = comfy.taesd.taesd.TAESD()
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     init_weights_(taesd, seed=seed)
     state = dict(taesd.state_dict())
     state["vae_scale"], state["vae_shift"] = torch.tensor(0.18215), torch.tensor(0.0)

@@ -1061,3 +1061,44 @@ def test_diffusers_form_dit_loras_load_with_qkv_fused_as_the_stock_loader_does(l
     out_stock, out_ours, out_base = run(stock), run(ours), run(patcher)
     assert not torch.allclose(out_ours, out_base)
     assert torch.allclose(out_stock, out_ours, atol=1e-5, rtol=1e-4)
+
+
+# -- flow transformers: the layers default, image pairs and SliderSpace -------------------------------
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_auto_layers_default_trains_joint_attention_on_flow_transformers(loras, family):
+    from safetensors import safe_open
+
+    patcher = comfy_support.tiny_flux_patcher() if family == "flux" else comfy_support.tiny_sd3_patcher()
+    slider, _, _ = train(patcher, FakeClip(), name=f"{family}_auto", iterations=2, layers="auto")
+    with safe_open(str(loras / "sliders" / f"{family}_auto.safetensors"), "pt") as f:
+        assert f.metadata()["sliders.layers"] == "dit-attn"
+    assert all("attn" in k for k in slider.tensors)
+    sd_slider, _, _ = train(comfy_support.tiny_sd15_patcher(), FakeClip(), name="sd_auto", iterations=1, layers="auto")
+    with safe_open(str(loras / "sliders" / "sd_auto.safetensors"), "pt") as f:
+        assert f.metadata()["sliders.layers"] == "noxattn"
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_pair_node_on_flow_transformers_saves_a_slider_the_stock_loader_reads(loras, family):
+    from safetensors.torch import load_file
+
+    patcher = comfy_support.tiny_flux_patcher() if family == "flux" else comfy_support.tiny_sd3_patcher()
+    clip, vae = FakeClip(), comfy_support.tiny_vae(latent_channels=16)
+    slider, _, report = train_pairs(patcher, clip, vae, name=f"{family}_pairs", iterations=6, lr=5e-2, layers="auto")
+    state = load_file(str(loras / "sliders" / f"{family}_pairs.safetensors"))
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.0)
+    assert unloaded == []
+    run = (lambda p: flux_forward(p, clip)) if family == "flux" else (lambda p: sd3_forward(p, clip))
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.0)[0]
+    out_ours = run(ours)
+    assert torch.allclose(run(stock), out_ours, atol=1e-6) and not torch.allclose(out_ours, run(patcher))
+
+
+def test_discover_node_on_flux(tmp_path, loras):
+    _, vision = _tiny_clip_vision(tmp_path)
+    out = discover(comfy_support.tiny_flux_patcher(), FakeClip(), comfy_support.tiny_vae(latent_channels=16),
+                   images=6, k=2, iterations=2, steps=3, resolution=64, concept="a person", clip_vision=vision)
+    sliders = out["result"][0]
+    assert len(sliders) == 2 and (loras / "sliders" / "a_person" / "a_person_1.safetensors").is_file()
+    assert sliders[0].metadata["sliders.layers"] == "dit-attn" and sliders[0].family == "flux"

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -177,3 +178,53 @@ def test_flow_model_folders_load_offline(tmp_path):
         assert isinstance(denoiser, FlowDenoiser) and denoiser.is_flux == (kind == "flux")
         reference = FlowDenoiser(tiny_flux_pipeline(seed=0) if kind == "flux" else tiny_sd3_pipeline(seed=0))
         assert denoiser.model_signature() == pytest.approx(reference.model_signature())
+
+
+def test_pair_slider_trains_both_signs_on_flow_models(flow, tmp_path):
+    from sliders_core.config import PairTrainConfig
+    from sliders_core.image_pairs import pairs_from_batches
+    from sliders_core.pair_slider import train_pair_slider
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 32, 32, 3, generator=gen) * 0.3
+    pairs = pairs_from_batches(a, (a + 0.5).clamp(0, 1), 32)
+    config = PairTrainConfig(iterations=40, rank=2, lr=3e-3, layers="dit-attn", seed=0)
+    result = train_pair_slider(flow, pairs, config, progress=False)
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10])
+    # at +1 the LoRA moves the velocity toward B's training target, at −1 toward A's
+    x_a, x_b = flow.encode_images(pairs.a[:1]), flow.encode_images(pairs.b[:1])
+    noise, level, cond = torch.randn(x_a.shape, generator=gen), torch.tensor([500.0]), flow.encode([""])
+    name = flow.sliders.names()[-1]
+    errors = {}
+    for sign, x0 in ((1.0, x_b), (-1.0, x_a)):
+        x_t, target = flow.add_noise(x0, noise, level), flow.training_target(x0, noise, level)
+        with torch.no_grad():
+            flow.sliders.set_scales({name: sign})
+            on = (flow.predict(x_t, level, cond) - target).pow(2).mean()
+            flow.sliders.set_scales({})
+            off = (flow.predict(x_t, level, cond) - target).pow(2).mean()
+        errors[sign] = (float(on), float(off))
+    flow.sliders.remove(name)
+    assert all(on < off for on, off in errors.values()), errors
+    assert result.weights.metadata["sliders.kind"] == "pairs"
+
+
+def test_sliderspace_discovers_on_a_flow_model(tmp_path):
+    from sliders_core.shapes.encoder import load_shapes_encoder
+    from sliders_core.sliderspace import (
+        SliderSpaceConfig,
+        generate_concept_images,
+        principal_directions,
+        train_sliderspace,
+    )
+
+    flux, encoder = FlowDenoiser(tiny_flux_pipeline(seed=0)), load_shapes_encoder()
+    found = generate_concept_images(flux, "a circle", 6, seed=0, batch=3, steps=3)
+    directions, explained = principal_directions(encoder.embed(found.images.float()), 2)
+    results = train_sliderspace(flux, encoder, found, directions, explained, "a circle",
+                                SliderSpaceConfig(iterations=4, lr=5e-3, layers="dit-attn"),
+                                checkpoint_dir=tmp_path, progress=False)
+    assert len(results) == 2 and all(np.isfinite(r.losses).all() for r in results)
+    weights = load_slider(tmp_path / "direction_0.safetensors", flux.naming, flux.family)
+    assert weights.metadata["sliders.kind"] == "sliderspace"
+    assert sorted(weights.modules) == preset_modules(flux.sliders.lora_candidates(), "dit-attn")

@@ -109,7 +109,10 @@ def test_data_parallel_training_over_two_ranks_equals_one_process_with_the_whole
     assert a.keys() == b.keys()
     moved = max(float(a[k].abs().max()) for k in a if "lora_up" in k)
     assert moved > 1e-4  # the slider trained
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4) for k in a)
+    # equal up to float summation order (the batch's gradient summed in one process vs averaged over two),
+    # which Adam's normalised steps can lift to ~0.5 % of the weights; a wrong split or a missing average
+    # differs by the size of the update itself
+    assert all(torch.allclose(a[k], b[k], atol=1e-2 * moved, rtol=1e-4) for k in a)
     assert out.count('"slider"') == 1  # one rank reports, one file
 
 
