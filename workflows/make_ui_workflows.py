@@ -54,8 +54,8 @@ REPO = HERE.parent
 SNAPSHOT = REPO / "tests" / "comfy_object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # combos whose options depend on the user's files (models, input folders): values are not checked against them
-FILE_COMBOS = {"ckpt_name", "lora_name", "slider_name", "resume_from", "vae_name", "unet_name", "clip_name", "folder",
-               "image", "name"}
+FILE_COMBOS = {"ckpt_name", "lora_name", "slider_name", "resume_from", "vae_name", "unet_name", "clip_name", "clip_name1",
+               "clip_name2", "clip_name3", "folder", "image", "name"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
 SEED_CONTROL_VALUE = "fixed"
 UI_VERSION = 0.4
