@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
              "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl-ssd1b", "Segmind_Vega": "sdxl-vega", "Shapes": "shapes",
-             "Flux": "flux", "FluxSchnell": "flux-schnell", "SD3": "sd3"}
+             "Flux": "flux", "FluxSchnell": "flux-schnell", "SD3": "sd3", "Chroma": "chroma", "QwenImage": "qwen-image"}
 _NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "shapes": 32, "flux": 1024, "flux-schnell": 1024,
-                      "sd3": 1024}
+                      "sd3": 1024, "chroma": 1024, "qwen-image": 1328}
 FLUX_GUIDANCE = 3.5  # the distilled guidance Flux-dev runs at when no FluxGuidance node sets one (ComfyUI's default)
 _LATENT_DOWNSCALE = {"shapes": 1}  # the shapes model is pixel space; the other families have an 8× VAE
 # inversion levels: "normal" starts at t = 999, where the cosine schedule has ᾱ ≈ 2e-9 and DDIM
@@ -97,7 +97,9 @@ def module_naming(patcher, names: dict[str, str] | None = None) -> UnetNaming:
     aliases, slices = {}, {}
     unet_config = patcher.model.model_config.unet_config
     mapping = {"flux": comfy.utils.flux_to_diffusers, "mmdit": comfy.utils.mmdit_to_diffusers}
-    kind = "flux" if unet_config.get("image_model") == "flux" else "mmdit" if model_family(patcher) == "sd3" else None
+    # Chroma keeps Flux's blocks and names (the host maps its LoRA keys with the Flux map too)
+    kind = "flux" if unet_config.get("image_model") in ("flux", "chroma") else \
+        "mmdit" if model_family(patcher) == "sd3" else None
     if kind is not None and is_dit(names):
         for diffusers_key, target in mapping[kind](unet_config).items():
             if not diffusers_key.endswith(".weight"):
@@ -274,9 +276,12 @@ class ComfyDenoiser:
         self._grad_ready = False
         unet_config = self.model.model_config.unet_config
         self.dit = is_dit(names)
-        # Flux is sampled without CFG: dev takes its (distilled) guidance as an input, schnell needs none
+        # Flux is sampled without CFG: dev takes its (distilled) guidance as an input, schnell needs none;
+        # Chroma (Flux's blocks, de-distilled) is sampled with CFG
         self.cfg_free = unet_config.get("image_model") == "flux"
         self.guidance_input = FLUX_GUIDANCE if unet_config.get("guidance_embed") else None
+        if unet_config.get("image_model") == "chroma":
+            self.guidance_input = 0.0  # its modulation network still takes a guidance value: the host's default
         self._residual_norms = [m for path, m in self.model.diffusion_model.named_modules()  # Flux's blocks
                                 if path.startswith(("double_blocks.", "single_blocks."))
                                 and isinstance(m, torch.nn.LayerNorm)]
@@ -328,8 +333,10 @@ class ComfyDenoiser:
         kwargs = {}
         if self.model.adm_channels or self.dit:  # SDXL's size-and-pooled vector; Flux's pooled CLIP vector
             h, w = x.shape[-2] * self.downscale, x.shape[-1] * self.downscale
-            kwargs["y"] = self.model.encode_adm(pooled_output=cond.tensors["pooled"].to(device), width=w, height=h,
-                                                target_width=w, target_height=h, device=device).to(dtype)
+            adm = self.model.encode_adm(pooled_output=cond.tensors["pooled"].to(device), width=w, height=h,
+                                        target_width=w, target_height=h, device=device)
+            if adm is not None:  # families without a pooled vector (Qwen-Image) have none
+                kwargs["y"] = adm.to(dtype)
         if self.guidance_input is not None:
             kwargs["guidance"] = torch.full((x.shape[0],), self.guidance_input, device=device)
         self.forward_count += x.shape[0]
@@ -354,7 +361,9 @@ class ComfyDenoiser:
             raise SliderError(f"resolution {resolution} must be a positive multiple of {multiple} for this model")
         channels = self.model.latent_format.latent_channels
         side = resolution // self.downscale
-        return torch.randn((batch, channels, side, side), generator=generator)
+        # video-VAE latents (Qwen-Image's Wan VAE) carry a frame axis: one frame for an image
+        frames = (1,) if getattr(self.model.latent_format, "latent_dimensions", 2) == 3 else ()
+        return torch.randn((batch, channels, *frames, side, side), generator=generator)
 
     # -- training on given images: the host's own noise schedule and noising ----------------------
     def random_levels(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:

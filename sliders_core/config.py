@@ -53,19 +53,20 @@ def classify_dit_module(path: str) -> str:
         return "dit_mlp"
     if re.search(r"(_mod\.lin|modulation\.lin|adaLN_modulation\.\d+)$", path):
         return "modulation"
-    return "other"  # patch / text / time / guidance embeddings and the final layer
+    # hosts that keep diffusers' names for a family (Qwen-Image): q/k/v apart, as in diffusers
+    return classify_diffusers_dit_module(path)  # else "other": patch / text / time embeddings, the final layer
 
 
 def classify_diffusers_dit_module(path: str) -> str:
-    """The same kinds for diffusers' names of Flux (`FluxTransformer2DModel`) and SD3 / SD3.5
-    (`SD3Transformer2DModel`): their q/k/v are separate layers where the host fuses them."""
+    """The same kinds for diffusers' names of Flux (`FluxTransformer2DModel`), SD3 / SD3.5
+    (`SD3Transformer2DModel`) and Qwen-Image: q/k/v are separate layers (ComfyUI fuses Flux's and SD3's)."""
     if re.search(r"^transformer_blocks\.\d+\.attn2?\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)$", path):
         return "joint_attn"
     if re.search(r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$", path):
         return "single_block"
-    if re.search(r"^transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)$", path):
+    if re.search(r"^transformer_blocks\.\d+\.(ff|ff_context|img_mlp|txt_mlp)\.net\.(0\.proj|2)$", path):
         return "dit_mlp"
-    if re.search(r"\.norm1?(_context)?\.linear$", path):
+    if re.search(r"(\.norm1?(_context)?\.linear|\.(img|txt)_mod\.1)$", path):
         return "modulation"
     return "other"
 

@@ -273,6 +273,31 @@ def tiny_flux_patcher(seed: int = 0, schnell: bool = False, **overrides):
     return _tiny_patcher("FluxSchnell" if schnell else "Flux", config, seed, overrides)
 
 
+# Chroma-shaped: Flux's double- and single-stream blocks with no per-block modulation layers (a small
+# approximator network makes the modulations), no pooled vector, 2×2 patches counted in its in_channels
+TINY_CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 768,
+                      "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+                      "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
+                      "out_dim": 64, "hidden_dim": 128, "n_layers": 2}
+
+
+def tiny_chroma_patcher(seed: int = 0, **overrides):
+    """ModelPatcher around a tiny comfy.model_base.Chroma (flow matching, sampled with CFG)."""
+    return _tiny_patcher("Chroma", TINY_CHROMA_CONFIG, seed, overrides)
+
+
+# Qwen-Image-shaped: dual-stream blocks named as diffusers names them (separate q/k/v), 16 latent channels
+# in 2×2 patches, FakeClip's 768-d context (no pooled vector)
+TINY_QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                          "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                          "joint_attention_dim": 768, "axes_dims_rope": (8, 12, 12)}
+
+
+def tiny_qwen_image_patcher(seed: int = 0, **overrides):
+    """ModelPatcher around a tiny comfy.model_base.QwenImage (flow matching, sampled with CFG)."""
+    return _tiny_patcher("QwenImage", TINY_QWEN_IMAGE_CONFIG, seed, overrides)
+
+
 # SD3-shaped MMDiT (joint blocks of a context and an image stream; depth 2 → hidden 128, 2 heads), for
 # FakeClip's 768-d context and 1280-d pooled vector
 TINY_SD3_CONFIG = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2,

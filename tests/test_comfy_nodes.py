@@ -1078,17 +1078,19 @@ def test_the_auto_layers_default_trains_joint_attention_on_flow_transformers(lor
         assert f.metadata()["sliders.layers"] == "noxattn"
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "chroma"])
 def test_pair_node_on_flow_transformers_saves_a_slider_the_stock_loader_reads(loras, family):
     from safetensors.torch import load_file
 
-    patcher = comfy_support.tiny_flux_patcher() if family == "flux" else comfy_support.tiny_sd3_patcher()
+    patcher = {"flux": comfy_support.tiny_flux_patcher, "sd3": comfy_support.tiny_sd3_patcher,
+               "chroma": comfy_support.tiny_chroma_patcher}[family]()
     clip, vae = FakeClip(), comfy_support.tiny_vae(latent_channels=16)
     slider, _, report = train_pairs(patcher, clip, vae, name=f"{family}_pairs", iterations=6, lr=5e-2, layers="auto")
     state = load_file(str(loras / "sliders" / f"{family}_pairs.safetensors"))
     stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.0)
     assert unloaded == []
-    run = (lambda p: flux_forward(p, clip)) if family == "flux" else (lambda p: sd3_forward(p, clip))
+    run = {"flux": lambda p: flux_forward(p, clip), "sd3": lambda p: sd3_forward(p, clip),
+           "chroma": lambda p: dit_forward(p, clip)}[family]
     with torch.inference_mode():
         ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.0)[0]
     out_ours = run(ours)
@@ -1102,3 +1104,56 @@ def test_discover_node_on_flux(tmp_path, loras):
     sliders = out["result"][0]
     assert len(sliders) == 2 and (loras / "sliders" / "a_person" / "a_person_1.safetensors").is_file()
     assert sliders[0].metadata["sliders.layers"] == "dit-attn" and sliders[0].family == "flux"
+
+
+# -- more DiT families: Chroma (Flux's blocks, CFG, no pooled vector) and Qwen-Image (diffusers names) --
+FLOW_FAMILIES = {"chroma": comfy_support.tiny_chroma_patcher, "qwen-image": comfy_support.tiny_qwen_image_patcher}
+
+
+def dit_forward(patcher, clip, seed=5):
+    """The host's prediction on the family's own latent shape (Qwen-Image's has a frame axis)."""
+    denoiser = ComfyDenoiser(patcher, clip)
+    x, sigma = denoiser.initial_noise(1, 64, torch.Generator().manual_seed(seed)), torch.tensor([0.6])
+    context, _ = clip.encode_from_tokens("a person", return_pooled=True)
+    kwargs = {"guidance": torch.tensor([0.0])} if denoiser.guidance_input is not None else {}
+    C["model_management"].load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(FLOW_FAMILIES))
+def test_more_dit_families_train_with_cfg_and_save_sliders_the_stock_loader_reads(loras, family):
+    from concept_sliders_pack.sliders_core.config import TrainConfig
+    from concept_sliders_pack.sliders_core.prompts import PromptPair
+    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
+    from safetensors.torch import load_file
+
+    patcher, clip = FLOW_FAMILIES[family](), FakeClip()
+    denoiser = ComfyDenoiser(patcher, clip)
+    assert denoiser.family == family and denoiser.dit and not denoiser.cfg_free
+    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
+    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers="auto", resolution=64, trajectory_steps=2,
+                         trajectory_reuse=1000, seed=0)
+    with torch.inference_mode(False):
+        result = train_text_slider(denoiser, [pair], config, name="age", progress=False)
+    assert result.losses[-1] < 0.6 * result.losses[0], result.losses
+    assert result.weights.metadata["sliders.layers"] == "dit-attn"
+    noise = denoiser.initial_noise(1, 64, torch.Generator().manual_seed(0))
+    cond, uncond = denoiser.encode(["a person"]), denoiser.encode([""])
+    with torch.inference_mode():  # CFG acts: these families are not guidance distilled
+        plain, guided = (denoiser.sample(cond, uncond, guidance=g, steps=2, noise=noise).final for g in (1.0, 5.0))
+    assert not torch.allclose(plain, guided)
+    slider, _, _ = train(FLOW_FAMILIES[family](), clip, name=f"{family}_node", iterations=3, lr=5e-2, layers="auto")
+    stock, unloaded = comfy_support.load_lora_into(patcher, load_file(str(loras / "sliders" / f"{family}_node.safetensors")), 1.0)
+    assert unloaded == []
+    with torch.inference_mode():
+        ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, 1.0)[0]
+    out_ours = dit_forward(ours, clip)
+    assert torch.allclose(dit_forward(stock, clip), out_ours, atol=1e-6) and not torch.allclose(out_ours, dit_forward(patcher, clip))
+
+
+def test_a_chroma_slider_is_refused_on_flux_though_the_names_match(loras):
+    chroma, flux, clip = comfy_support.tiny_chroma_patcher(), comfy_support.tiny_flux_patcher(), FakeClip()
+    slider = train(chroma, clip, name="c", iterations=1, layers="auto")[0]
+    with pytest.raises(FamilyMismatchError, match="'chroma'"):
+        NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(flux, slider, 1.0)
