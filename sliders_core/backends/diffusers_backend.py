@@ -52,32 +52,26 @@ def _fingerprint(kind: str, cfg) -> str:
     return f"{kind}-custom-c{channels}-x{cfg.cross_attention_dim}-in{cfg.in_channels}"
 
 
-class DiffusersDenoiser:
-    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, family: str | None = None,
-                 sample_defaults: dict | None = None):
-        self.pipe = pipe
-        self.unet: UNet2DConditionModel = pipe.unet
-        self.vae: AutoencoderKL | None = getattr(pipe, "vae", None)
-        self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
-        self.unet.requires_grad_(False)
-        self._device, self._dtype = self.unet.device, self.unet.dtype
-        if self._device.type == "cpu":  # oneDNN convolutions run faster on NHWC weights (measured 3–20 % here)
-            self.unet.to(memory_format=torch.channels_last)
-        for enc in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), self.vae):
-            if enc is not None:
-                enc.requires_grad_(False)
-        self.family = family or detect_family(self.unet, self.is_xl)
-        self.sliders = PeftSliderHost(self.unet)
-        self.naming = UnetNaming(self.sliders.lora_candidates(), dict(self.unet.config),
-                                 weight_shapes=self.sliders.weight_shapes())
-        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.default_resolution = int(self.unet.config.sample_size) * self.latent_factor
-        self.forward_count = 0  # single-sample UNet forwards, for the benchmark
-        # sampler settings the model was tuned for ({"steps": .., "guidance": ..}; sliders_model.json)
-        self.sample_defaults = dict(sample_defaults or {})
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-    # Read once: in diffusers 0.42 `unet.device`/`unet.dtype` scan every module (≈1–3 ms a read,
-    # ≈20 % of a training iteration on small models). The UNet is never moved after construction.
+
+class PipelineDenoiser:
+    """What the UNet and the flow-transformer denoisers share: a frozen diffusers pipeline around one
+    network, its device and dtype read once, gradient checkpointing, text-encoder offloading, and the
+    sampling loop. Subclasses give `predict`, `new_scheduler(steps, noise)` and `cfg_free`."""
+
+    cfg_free = False  # guidance-distilled models (Flux) are sampled without CFG
+
+    def _freeze(self, pipe, network: torch.nn.Module) -> None:
+        self.pipe, self.network = pipe, network
+        network.requires_grad_(False)
+        # read once: in diffusers 0.42 `.device`/`.dtype` scan every module (≈1–3 ms a read, ≈20 % of a
+        # training iteration on small models); the network is never moved after construction
+        self._device, self._dtype = network.device, network.dtype
+        for part in (*TEXT_ENCODERS, "vae"):
+            if getattr(pipe, part, None) is not None:
+                getattr(pipe, part).requires_grad_(False)
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -88,11 +82,81 @@ class DiffusersDenoiser:
 
     @contextlib.contextmanager
     def gradient_checkpointing(self) -> Iterator[None]:
-        self.unet.enable_gradient_checkpointing()
+        self.network.enable_gradient_checkpointing()
         try:
             yield
         finally:
-            self.unet.disable_gradient_checkpointing()
+            self.network.disable_gradient_checkpointing()
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU once training has encoded its prompts (the reference kept
+        SDXL's two encoders on the GPU for the whole run). encode() still works, on the CPU."""
+        for part in TEXT_ENCODERS:
+            if getattr(self.pipe, part, None) is not None:
+                getattr(self.pipe, part).to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
+               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
+               record: bool = False, generator: torch.Generator | None = None,
+               progress: bool = False, callback: SampleCallback | None = None) -> Trajectory:
+        """CFG sampling with the pipeline's scheduler (no CFG, and `uncond` unused, when `cfg_free`)."""
+        scheduler = self.new_scheduler(steps, noise)
+        timesteps = scheduler.timesteps
+        per_step = not isinstance(uncond, Cond)
+        if per_step and len(uncond) != len(timesteps):
+            raise SliderError(f"{len(uncond)} unconditional embeddings for {len(timesteps)} steps")
+        batch = noise.shape[0]
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow schedulers have none
+        x = noise.to(self.device).float() * getattr(scheduler, "init_noise_sigma", 1.0)  # flows start at the noise
+        trajectory = Trajectory(final=x)
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+            if slider_schedule is not None:
+                scales = slider_schedule(i, len(timesteps))
+                if scales is not None:
+                    self.sliders.set_scales(scales)
+            x_in = scale_input(x, t)
+            level = t.expand(batch)
+            c = cond.for_batch(batch)
+            if guidance == 1.0 or self.cfg_free:
+                out = out_c = self.predict(x_in, level, c)
+            else:
+                u = (uncond[i] if per_step else uncond).for_batch(batch)
+                both = self.predict(torch.cat([x_in, x_in]), torch.cat([level, level]), Cond.cat([u, c]))
+                out_u, out_c = both.chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+            if record:
+                trajectory.states.append(x_in.detach().clone())
+                trajectory.levels.append(level.detach().clone())
+                trajectory.cond_outputs.append(out_c.detach().clone())
+            x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+        trajectory.final = x
+        return trajectory
+
+
+class DiffusersDenoiser(PipelineDenoiser):
+    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, family: str | None = None,
+                 sample_defaults: dict | None = None):
+        self.unet: UNet2DConditionModel = pipe.unet
+        self.vae: AutoencoderKL | None = getattr(pipe, "vae", None)
+        self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
+        self._freeze(pipe, self.unet)
+        if self._device.type == "cpu":  # oneDNN convolutions run faster on NHWC weights (measured 3–20 % here)
+            self.unet.to(memory_format=torch.channels_last)
+        self.family = family or detect_family(self.unet, self.is_xl)
+        self.sliders = PeftSliderHost(self.unet)
+        self.naming = UnetNaming(self.sliders.lora_candidates(), dict(self.unet.config),
+                                 weight_shapes=self.sliders.weight_shapes())
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.default_resolution = int(self.unet.config.sample_size) * self.latent_factor
+        self.forward_count = 0  # single-sample UNet forwards, for the benchmark
+        # sampler settings the model was tuned for ({"steps": .., "guidance": ..}; sliders_model.json)
+        self.sample_defaults = dict(sample_defaults or {})
 
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -105,15 +169,6 @@ class DiffusersDenoiser:
             return Cond({"context": embeds.to(self.device), "text_embeds": pooled.to(self.device)})
         embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
         return Cond({"context": embeds.to(self.device)})
-
-    def offload_text_encoders(self) -> None:
-        """Move the text encoders to the CPU once training has encoded its prompts (the reference kept
-        SDXL's two encoders on the GPU for the whole run). encode() still works, on the CPU."""
-        for encoder in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
-            if encoder is not None:
-                encoder.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     # -- model ----------------------------------------------------------------------------------
     def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -169,49 +224,10 @@ class DiffusersDenoiser:
             return x0.float()
         raise SliderError(f"unknown prediction_type {kind!r}")
 
-    def new_scheduler(self, steps: int) -> SchedulerMixin:
+    def new_scheduler(self, steps: int, noise: torch.Tensor | None = None) -> SchedulerMixin:
         scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
-
-    @torch.no_grad()
-    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
-               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
-               record: bool = False, generator: torch.Generator | None = None,
-               progress: bool = False, callback: SampleCallback | None = None) -> Trajectory:
-        scheduler = self.new_scheduler(steps)
-        timesteps = scheduler.timesteps
-        per_step = not isinstance(uncond, Cond)
-        if per_step and len(uncond) != len(timesteps):
-            raise SliderError(f"{len(uncond)} unconditional embeddings for {len(timesteps)} steps")
-        batch = noise.shape[0]
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        x = noise.to(self.device) * scheduler.init_noise_sigma
-        trajectory = Trajectory(final=x)
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-            if slider_schedule is not None:
-                scales = slider_schedule(i, len(timesteps))
-                if scales is not None:
-                    self.sliders.set_scales(scales)
-            x_in = scheduler.scale_model_input(x, t)
-            level = t.expand(batch)
-            c = cond.for_batch(batch)
-            if guidance == 1.0:
-                out = out_c = self.predict(x_in, level, c)
-            else:
-                u = (uncond[i] if per_step else uncond).for_batch(batch)
-                both = self.predict(torch.cat([x_in, x_in]), torch.cat([level, level]), Cond.cat([u, c]))
-                out_u, out_c = both.chunk(2)
-                out = out_u + guidance * (out_c - out_u)
-            if record:
-                trajectory.states.append(x_in.detach().clone())
-                trajectory.levels.append(level.detach().clone())
-                trajectory.cond_outputs.append(out_c.detach().clone())
-            x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
-            if callback is not None:
-                callback(i + 1, len(timesteps))
-        trajectory.final = x
-        return trajectory
 
     # -- deterministic sampling and its inversion ---------------------------------------------------
     def ddim_levels(self, steps: int) -> torch.Tensor:

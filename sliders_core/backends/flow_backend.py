@@ -8,20 +8,18 @@ stay image shaped [B, C, H, W] for the core; Flux's 2×2 token packing happens i
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from tqdm.auto import tqdm
 
 from ..config import classify_diffusers_dit_module
-from ..denoiser import Cond, SampleCallback, SliderSchedule, Trajectory
+from ..denoiser import Cond
 from ..errors import SliderError
 from ..formats import UnetNaming
+from .diffusers_backend import PipelineDenoiser
 from .peft_sliders import PeftSliderHost
 
 FLUX_GUIDANCE = 3.5  # Flux-dev's distilled guidance when none is given (the ComfyUI backend's default too)
@@ -31,31 +29,26 @@ MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256}  # the pipelines' T5 token defau
 def detect_flow_family(transformer, is_flux: bool) -> str:
     """The family names the ComfyUI backend gives the same checkpoints, so their sliders are shared."""
     cfg = transformer.config
-    if is_flux:
-        if (cfg.num_layers, cfg.num_single_layers, cfg.attention_head_dim * cfg.num_attention_heads) == (19, 38, 3072):
-            return "flux" if cfg.guidance_embeds else "flux-schnell"
-        kind = "flux" if cfg.guidance_embeds else "flux-schnell"
-        return f"{kind}-custom-h{cfg.attention_head_dim * cfg.num_attention_heads}-d{cfg.num_layers}-s{cfg.num_single_layers}"
     width = cfg.attention_head_dim * cfg.num_attention_heads
+    if is_flux:
+        kind = "flux" if cfg.guidance_embeds else "flux-schnell"
+        if (cfg.num_layers, cfg.num_single_layers, width) == (19, 38, 3072):
+            return kind
+        return f"{kind}-custom-h{width}-d{cfg.num_layers}-s{cfg.num_single_layers}"
     if width in (1536, 2432) and cfg.joint_attention_dim == 4096:  # SD3 Medium, SD3.5 Medium / Large
         return "sd3"
     return f"sd3-custom-h{width}-d{cfg.num_layers}"
 
 
-class FlowDenoiser:
+class FlowDenoiser(PipelineDenoiser):
     def __init__(self, pipe: FluxPipeline | StableDiffusion3Pipeline, family: str | None = None,
                  sample_defaults: dict | None = None):
         if not isinstance(pipe, (FluxPipeline, StableDiffusion3Pipeline)):
             raise SliderError(f"FlowDenoiser takes a FluxPipeline or StableDiffusion3Pipeline, got {type(pipe).__name__}")
-        self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.is_flux = isinstance(pipe, FluxPipeline)
-        self.transformer.requires_grad_(False)
-        for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-            if getattr(pipe, part, None) is not None:
-                getattr(pipe, part).requires_grad_(False)
-        self._device, self._dtype = self.transformer.device, self.transformer.dtype  # read once (see diffusers backend)
+        self._freeze(pipe, self.transformer)
         self.family = family or detect_flow_family(self.transformer, self.is_flux)
         self.sliders = PeftSliderHost(self.transformer, classify=classify_diffusers_dit_module)
         # Flux files in forms only diffusers knows (kohya with BFL names `lora_unet_double_blocks_…`, XLabs)
@@ -72,28 +65,12 @@ class FlowDenoiser:
         self.default_resolution = side * self.latent_factor
         # Flux-dev takes its guidance as an input and runs without CFG; schnell has none
         self.guidance_input = FLUX_GUIDANCE if self.is_flux and self.transformer.config.guidance_embeds else None
-        self.cfg_free = self.is_flux
+        self.cfg_free = self.is_flux  # guidance distilled
         tokenizer = pipe.tokenizer_2 if self.is_flux else getattr(pipe, "tokenizer_3", None)
         limit = MAX_SEQUENCE_LENGTH["flux" if self.is_flux else "sd3"]
         self.max_sequence_length = min(limit, tokenizer.model_max_length) if tokenizer is not None else limit
         self.forward_count = 0
         self.sample_defaults = dict(sample_defaults or {})
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @contextlib.contextmanager
-    def gradient_checkpointing(self) -> Iterator[None]:
-        self.transformer.enable_gradient_checkpointing()
-        try:
-            yield
-        finally:
-            self.transformer.disable_gradient_checkpointing()
 
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,13 +85,6 @@ class FlowDenoiser:
                 prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
                 max_sequence_length=self.max_sequence_length)
         return Cond({"context": context.to(self.device), "pooled": pooled.to(self.device)})
-
-    def offload_text_encoders(self) -> None:
-        for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(self.pipe, part, None) is not None:
-                getattr(self.pipe, part).to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     # -- model ----------------------------------------------------------------------------------
     def predict(self, x_t: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -146,13 +116,15 @@ class FlowDenoiser:
         return torch.randn((batch, self.latent_channels, side, side), generator=generator).to(self.device)
 
     # -- the flow schedule ------------------------------------------------------------------------
-    def new_scheduler(self, steps: int, latent_side: int | None = None) -> FlowMatchEulerDiscreteScheduler:
-        """The pipeline's own schedule: Flux shifts it by the image's token count (its `mu`), SD3 by a constant."""
+    def new_scheduler(self, steps: int, noise: torch.Tensor | None = None) -> FlowMatchEulerDiscreteScheduler:
+        """The pipeline's own schedule: Flux shifts it by the image's token count (its `mu`; the native
+        size's when no noise is given), SD3 by a constant. Sampled with Euler on the flow: SD3 with CFG,
+        Flux without (`cfg_free`), dev at its distilled guidance input."""
         scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
         if not scheduler.config.get("use_dynamic_shifting", False):
             scheduler.set_timesteps(steps, device=self.device)
             return scheduler
-        side = latent_side or self.default_resolution // self.latent_factor
+        side = noise.shape[-1] if noise is not None else self.default_resolution // self.latent_factor
         tokens = (side // self.patch) ** 2
         cfg = scheduler.config
         mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
@@ -173,45 +145,6 @@ class FlowDenoiser:
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         return noise.float() - x0.float()
-
-    @torch.no_grad()
-    def sample(self, cond: Cond, uncond: Cond | Sequence[Cond], *, guidance: float, steps: int,
-               noise: torch.Tensor, slider_schedule: SliderSchedule | None = None,
-               record: bool = False, generator: torch.Generator | None = None,
-               progress: bool = False, callback: SampleCallback | None = None) -> Trajectory:
-        """Euler on the flow. SD3: CFG at `guidance`. Flux: no CFG (`guidance`, `uncond` unused); dev at its
-        distilled guidance input."""
-        scheduler = self.new_scheduler(steps, noise.shape[-1])
-        timesteps = scheduler.timesteps
-        per_step = not isinstance(uncond, Cond)
-        if per_step and len(uncond) != len(timesteps):
-            raise SliderError(f"{len(uncond)} unconditional embeddings for {len(timesteps)} steps")
-        batch = noise.shape[0]
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        x = noise.to(self.device).float()
-        trajectory = Trajectory(final=x)
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-            if slider_schedule is not None:
-                scales = slider_schedule(i, len(timesteps))
-                if scales is not None:
-                    self.sliders.set_scales(scales)
-            level = t.expand(batch)
-            c = cond.for_batch(batch)
-            if guidance == 1.0 or self.cfg_free:
-                out = out_c = self.predict(x, level, c)
-            else:
-                u = (uncond[i] if per_step else uncond).for_batch(batch)
-                out_u, out_c = self.predict(torch.cat([x, x]), torch.cat([level, level]), Cond.cat([u, c])).chunk(2)
-                out = out_u + guidance * (out_c - out_u)
-            if record:
-                trajectory.states.append(x.detach().clone())
-                trajectory.levels.append(level.detach().clone())
-                trajectory.cond_outputs.append(out_c.detach().clone())
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample.float()
-            if callback is not None:
-                callback(i + 1, len(timesteps))
-        trajectory.final = x
-        return trajectory
 
     # -- deterministic steps (the flow ODE is already deterministic: Euler both ways) ------------
     def ddim_levels(self, steps: int) -> torch.Tensor:
