@@ -57,8 +57,8 @@ WORKFLOW_NAMES = sorted(API_WORKFLOWS)
 # the workflows on the pack's embedded shapes model run as shipped, with no checkpoint; the others need SD1.5
 SHAPES_WORKFLOWS = [n for n in WORKFLOW_NAMES if n.startswith("Shapes")]
 # Flux and SD3.5: ComfyUI's loaders recognise those families by their full sizes, so no tiny checkpoint stands
-# in for them; their workflows are checked as files and opened in the web UI (their nodes run in-process
-# on tiny models in test_comfy_nodes.py / test_comfy_flow_twins.py), not run here
+# in for them; their workflows are checked as files and opened in the web UI here, and run node by node
+# in-process with tiny models in place of the loaders in test_comfy_nodes.py
 FLOW_WORKFLOWS = [n for n in WORKFLOW_NAMES if n.startswith(("Flux", "SD3.5"))]
 FLOW_MODEL_FILES = {"unet_name": "flux1-dev.safetensors", "vae_name": "ae.safetensors",
                     "ckpt_name": "sd3.5_medium.safetensors"}

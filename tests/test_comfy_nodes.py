@@ -43,6 +43,8 @@ class FakeClip:
         cond, pooled = self.encode_from_tokens(text, return_pooled=True)
         return [[cond, {"pooled_output": pooled}]]
 
+    encode_from_tokens_scheduled = conditioning  # what the stock CLIPTextEncode calls
+
 
 @pytest.fixture
 def loras(tmp_path, monkeypatch):
@@ -1157,3 +1159,71 @@ def test_a_chroma_slider_is_refused_on_flux_though_the_names_match(loras):
     slider = train(chroma, clip, name="c", iterations=1, layers="auto")[0]
     with pytest.raises(FamilyMismatchError, match="'chroma'"):
         NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(flux, slider, 1.0)
+
+
+# -- the Flux and SD3.5 workflows, run in-process with tiny models in place of their loaders -------------
+def run_api_workflow(api: dict, substitutes: dict) -> dict:
+    """Execute an API-format workflow node by node (ComfyUI's own node classes and ours); node ids in
+    `substitutes` give their outputs instead of running (the model loaders); SaveImage just returns its
+    images. Returns every node's outputs."""
+    import comfy_extras.nodes_flux
+    import comfy_extras.nodes_sd3
+
+    import nodes as core_nodes
+
+    classes = {**core_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS, "FluxGuidance": comfy_extras.nodes_flux.FluxGuidance,
+               "EmptySD3LatentImage": comfy_extras.nodes_sd3.EmptySD3LatentImage}
+    outputs = dict(substitutes)
+
+    def value(v):
+        return outputs[v[0]][v[1]] if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) else v
+
+    pending = [i for i in api if i not in outputs]
+    while pending:
+        for node_id in list(pending):
+            node = api[node_id]
+            links = [v for v in node["inputs"].values() if isinstance(v, list) and len(v) == 2]
+            if any(v[0] not in outputs for v in links):
+                continue
+            inputs = {k: value(v) for k, v in node["inputs"].items()}
+            cls = classes[node["class_type"]]
+            if node["class_type"] == "SaveImage":
+                result = (inputs["images"],)
+            elif hasattr(cls, "define_schema"):  # the host's v3 nodes
+                result = tuple(cls.execute(**inputs).result)
+            else:
+                instance = cls()
+                result = getattr(instance, cls.FUNCTION)(**inputs)
+                result = tuple(result["result"]) if isinstance(result, dict) else tuple(result)
+            outputs[node_id] = result
+            pending.remove(node_id)
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["Flux - train a text slider and sweep it", "SD3.5 - train a text slider and sweep it"])
+def test_flow_workflows_run_with_tiny_models_in_their_loaders(loras, name):
+    import json
+
+    api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    flux = name.startswith("Flux")
+    model = comfy_support.tiny_flux_patcher() if flux else comfy_support.tiny_sd3_patcher()
+    clip, vae = FakeClip(), comfy_support.tiny_vae(latent_channels=16)
+    if flux:
+        substitutes = {"1": (model,), "2": (clip,), "3": (vae,)}
+    else:
+        substitutes = {"1": (model, None, vae), "2": (clip,)}
+    for node in api.values():  # small and quick: 64 px, 2 steps, 2 iterations
+        inputs = node["inputs"]
+        if node["class_type"] == "ConceptSlidersTrainText":
+            inputs.update(iterations=2, resolution=64, save_every=0)
+        if node["class_type"] == "EmptySD3LatentImage":
+            inputs.update(width=64, height=64)
+        if "steps" in inputs:
+            inputs.update(steps=2, start_step=1)
+    with torch.inference_mode():
+        outputs = run_api_workflow(api, substitutes)
+    sweep = next(i for i, n in api.items() if n["class_type"] == "ConceptSlidersSweep")
+    grid = outputs[sweep][0]
+    assert grid.shape[-1] == 3 and grid.shape[2] >= 5 * 64  # one column per α
+    slider_name = next(n["inputs"]["slider_name"] for n in api.values() if n["class_type"] == "ConceptSlidersTrainText")
+    assert (loras / "sliders" / f"{slider_name}.safetensors").is_file()
