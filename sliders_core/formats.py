@@ -151,6 +151,7 @@ class UnetNaming:
                  weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
                  aliases: Mapping[str, str] | None = None,
                  slices: Mapping[str, tuple[str, int, int]] | None = None,
+                 splits: Mapping[str, Sequence[tuple[str, int, int]]] | None = None,
                  convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         """`ldm_names` (diffusers path → LDM path) comes from a host that knows it (ComfyUI);
         otherwise it is derived from a diffusers `unet_config`. `weight_shapes` (path → the base
@@ -158,7 +159,8 @@ class UnetNaming:
         Flow transformers, whose paths are the host's own: `aliases` maps another name of a whole
         module (diffusers' `transformer_blocks.0.attn.to_out.0`) to it, and `slices` maps a module
         that the host fuses with others (diffusers' to_q / to_k / to_v → one qkv) to (path, first
-        output row, rows). `convert` rewrites a file in a form only the host's library knows (diffusers'
+        output row, rows). `splits` is the other way round, for a model named by diffusers: another
+        naming's fused layer (the host's `qkv`) → the (path, first row, rows) of each piece. `convert` rewrites a file in a form only the host's library knows (diffusers'
         Flux loader: kohya files with BFL names, XLabs, …) into one of ours, for files nothing here matches."""
         self.module_paths = set(module_paths)
         self.weight_shapes = dict(weight_shapes or {})
@@ -173,6 +175,8 @@ class UnetNaming:
                 self._by_stem.setdefault(prefix + alias.replace(".", "_"), path)
             for piece, target in self.slices.items():
                 self._slice_by_stem[prefix + piece.replace(".", "_")] = target
+        self.splits = {h: list(v) for h, v in (splits or {}).items() if all(q[0] in self.module_paths for q in v)}
+        self._split_by_stem = {kohya_stem(h): v for h, v in self.splits.items()}
         self.convert = convert
         if ldm_names is None and unet_config is not None and "down_block_types" in unet_config:
             blocks = unet_block_prefixes(unet_config)
@@ -199,6 +203,56 @@ class UnetNaming:
 
     def slice_of_stem(self, stem: str) -> tuple[str, int, int] | None:
         return self._slice_by_stem.get(stem)
+
+    def split_of(self, key: str, form: str) -> list[tuple[str, int, int]] | None:
+        """The pieces of a fused layer named by a kohya stem or a dotted path (`splits`)."""
+        return self._split_by_stem.get(key) if form == "kohya" else self.splits.get(key)
+
+
+def flux_host_names(num_layers: int, num_single_layers: int, width: int,
+                    mlp_width: int) -> tuple[dict[str, str], dict[str, list[tuple[str, int, int]]]]:
+    """Flux's original (BFL) names, ComfyUI's and kohya's, for diffusers' FluxTransformer2DModel: (aliases
+    of whole layers, splits of the fused layers: a double block's q/k/v, a single block's `linear1` =
+    q, k, v and the MLP's input). The other direction of the map ComfyUI reads diffusers Flux files with."""
+    aliases, splits = {}, {}
+    for i in range(num_layers):
+        host, ours = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        aliases.update({f"{host}.img_attn.proj": f"{ours}.attn.to_out.0", f"{host}.txt_attn.proj": f"{ours}.attn.to_add_out",
+                        f"{host}.img_mlp.0": f"{ours}.ff.net.0.proj", f"{host}.img_mlp.2": f"{ours}.ff.net.2",
+                        f"{host}.txt_mlp.0": f"{ours}.ff_context.net.0.proj", f"{host}.txt_mlp.2": f"{ours}.ff_context.net.2",
+                        f"{host}.img_mod.lin": f"{ours}.norm1.linear", f"{host}.txt_mod.lin": f"{ours}.norm1_context.linear"})
+        for stream, pieces in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            splits[f"{host}.{stream}.qkv"] = [(f"{ours}.attn.{piece}", j * width, width) for j, piece in enumerate(pieces)]
+    for i in range(num_single_layers):
+        host, ours = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        aliases.update({f"{host}.linear2": f"{ours}.proj_out", f"{host}.modulation.lin": f"{ours}.norm.linear"})
+        splits[f"{host}.linear1"] = [*((f"{ours}.attn.{piece}", j * width, width) for j, piece in enumerate(("to_q", "to_k", "to_v"))),
+                                     (f"{ours}.proj_mlp", 3 * width, mlp_width)]
+    return aliases, splits
+
+
+def mmdit_host_names(num_layers: int, width: int) -> tuple[dict[str, str], dict[str, list[tuple[str, int, int]]]]:
+    """SD3's original MMDiT names (ComfyUI's and the checkpoints') for diffusers' SD3Transformer2DModel:
+    (aliases of whole layers, splits of the fused q/k/v into their three row blocks of `width`). The
+    other direction of the map ComfyUI reads diffusers SD3 files with; the last block's context
+    modulation, whose scale and shift halves are swapped, is left out (no preset trains it)."""
+    qkv = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+           "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+           "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+    whole = {"x_block.attn.proj": "attn.to_out.0", "x_block.attn2.proj": "attn2.to_out.0",
+             "context_block.attn.proj": "attn.to_add_out", "x_block.mlp.fc1": "ff.net.0.proj",
+             "x_block.mlp.fc2": "ff.net.2", "context_block.mlp.fc1": "ff_context.net.0.proj",
+             "context_block.mlp.fc2": "ff_context.net.2", "x_block.adaLN_modulation.1": "norm1.linear",
+             "context_block.adaLN_modulation.1": "norm1_context.linear"}
+    aliases, splits = {}, {}
+    for i in range(num_layers):
+        host, ours = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        for name, target in whole.items():
+            if not (i == num_layers - 1 and name == "context_block.adaLN_modulation.1"):
+                aliases[f"{host}.{name}"] = f"{ours}.{target}"
+        for name, pieces in qkv.items():
+            splits[f"{host}.{name}"] = [(f"{ours}.{piece}", j * width, width) for j, piece in enumerate(pieces)]
+    return aliases, splits
 
 
 def is_diffusers_dit(paths: Iterable[str]) -> bool:
@@ -245,6 +299,7 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
         state = naming.convert(dict(state))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     fused: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = {}  # path → (first row, rows) → part
+    split: dict[str, tuple[list[tuple[str, int, int]], dict[str, torch.Tensor]]] = {}  # fused layer → pieces, parts
     unknown, unmatched, skipped_te = [], [], []
     for key, tensor in state.items():
         if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
@@ -258,6 +313,10 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
             unknown.append(key)
             continue
         module_key, part = match.group(1), _PART[match.group(2)]
+        pieces = naming.split_of(module_key, form) if form in ("kohya", "comfy") else None
+        if pieces is not None:
+            split.setdefault(module_key, (pieces, {}))[1][part] = tensor
+            continue
         if form == "kohya":
             path = naming.from_kohya(module_key)
             piece = naming.slice_of_stem(module_key) if path is None else None
@@ -286,6 +345,11 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
             "`python -m sliders_core info FILE` shows what it was trained on")
     if skipped_te:
         log.warning("%s: ignoring %d text-encoder LoRA key(s); sliders act on the UNet only", source, len(skipped_te))
+    for fused_name, (pieces, p) in split.items():  # one LoRA on a fused layer → the same down, its up's rows
+        if "down" not in p or "up" not in p:
+            raise SliderError(f"{source}: module {fused_name} lacks its {'up' if 'down' in p else 'down'} weight")
+        for path, start, rows in pieces:
+            parts[path] = {**p, "up": p["up"][start:start + rows]}
     for path, pieces in fused.items():
         if path in parts:
             raise SliderError(f"{source}: module {path} is given both whole and as q/k/v (or MLP) pieces")
@@ -311,6 +375,8 @@ def _known(key: str, naming: UnetNaming) -> bool:
         match = pattern.match(key)
         if match:
             module = match.group(1)
+            if naming.split_of(module, form) is not None:
+                return True
             if form == "kohya":
                 return naming.from_kohya(module) is not None or naming.slice_of_stem(module) is not None
             if form == "comfy":

@@ -139,3 +139,39 @@ def test_official_flux_pt_through_apply_slider_gives_the_official_output():
         official = x - level / 1000 * expected[f"tiny-flux-full/{strength}"]
         assert _close(comfy_x0(applied, x, level, cond, True), official)
     assert _close(comfy_x0(patcher, x, level, cond, True), x - level / 1000 * expected["tiny-flux-full/0"])
+
+
+@pytest.mark.parametrize("strength", [1.0, -0.6])
+def test_a_slider_on_the_hosts_names_loads_in_the_core_with_the_hosts_output(twins, strength):
+    """The other direction: a file on ComfyUI's module names (`lora_unet_double_blocks_…` /
+    `lora_unet_joint_blocks_…`, as a slider trained in ComfyUI is saved) gives in the core the output
+    the stock loader gives in ComfyUI. The host's fused q/k/v are split into diffusers' three layers."""
+    from concept_sliders_pack.nodes.comfy_backend import module_names
+    from concept_sliders_pack.sliders_core.config import classify_dit_module
+    from concept_sliders_pack.sliders_core.formats import from_state_dict, kohya_stem
+
+    core, patcher = twins
+    host = module_names(patcher)
+    selected = sorted(p for p in host if classify_dit_module(p) in ("joint_attn", "single_block", "dit_mlp"))
+    gen = torch.Generator().manual_seed(4)
+    state = {}
+    for path in selected:
+        out_features, in_features = patcher.model.diffusion_model.get_submodule(path).weight.shape
+        state[f"{kohya_stem(path)}.lora_down.weight"] = torch.randn(2, in_features, generator=gen) * 0.1
+        state[f"{kohya_stem(path)}.lora_up.weight"] = torch.randn(out_features, 2, generator=gen) * 0.1
+        state[f"{kohya_stem(path)}.alpha"] = torch.tensor(1.0)
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, strength)
+    assert unloaded == []
+    x, level, cond = _inputs(core, seed=6)
+    theirs = comfy_x0(stock, x, level, cond, core.is_flux)
+    weights = from_state_dict(state, core.naming, source="host-named")
+    core.sliders.add("host", weights)
+    try:
+        core.sliders.set_scales({"host": strength})
+        with torch.no_grad():
+            ours = x - level / 1000 * core.predict(x, level, cond)
+    finally:
+        core.sliders.set_scales({})
+        core.sliders.remove("host")
+    assert not _close(theirs, comfy_x0(patcher, x, level, cond, core.is_flux), 1e-3)
+    assert _close(ours, theirs)

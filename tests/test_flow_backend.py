@@ -153,21 +153,30 @@ def test_official_flux_pt_loads_and_matches_the_official_output():
         torch.testing.assert_close(flux.predict(inputs["x"], inputs["level"], cond), expected["tiny-flux-full/0"])
 
 
-def test_kohya_flux_files_with_bfl_names_load_through_diffusers_converter():
-    """A kohya Flux LoRA on the host's (BFL) names, `lora_unet_double_blocks_0_img_attn_qkv`: diffusers'
-    own converter splits the fused q/k/v; the loaded slider has exactly the fused LoRA's ΔW."""
-    flux = FlowDenoiser(tiny_flux_pipeline(seed=0))
-    gen = torch.Generator().manual_seed(0)
-    hidden = 64
-    down, up = torch.randn(2, hidden, generator=gen), torch.randn(3 * hidden, 2, generator=gen)
-    state = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
-             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
-             "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(1.0)}
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_files_on_the_original_names_load_with_the_fused_layers_split(family):
+    """A kohya file on the original (BFL / MMDiT) names that ComfyUI trains under, e.g.
+    `lora_unet_double_blocks_0_img_attn_qkv`: the fused q/k/v become diffusers' three layers, each with
+    the same down and its rows of the up, so the ΔW is exactly the file's; whole layers map one to one."""
     from sliders_core.formats import from_state_dict
 
-    weights = from_state_dict(state, flux.naming, source="kohya-bfl")
-    assert set(weights.modules) == {f"transformer_blocks.0.attn.to_{p}" for p in "qkv"}
-    delta = torch.cat([weights.modules[f"transformer_blocks.0.attn.to_{p}"].delta_weight() for p in "qkv"])
+    denoiser = FlowDenoiser(tiny_flux_pipeline(seed=0) if family == "flux" else tiny_sd3_pipeline(seed=0))
+    width = 64 if family == "flux" else 128
+    fused, whole = ("double_blocks_0_img_attn_qkv", "double_blocks_1_txt_attn_proj") if family == "flux" else \
+        ("joint_blocks_0_context_block_attn_qkv", "joint_blocks_1_x_block_mlp_fc2")
+    gen = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, width, generator=gen), torch.randn(3 * width, 2, generator=gen)
+    whole_in = width if family == "flux" else 4 * width  # Flux's txt_attn.proj, SD3's mlp.fc2
+    state = {f"lora_unet_{fused}.lora_down.weight": down, f"lora_unet_{fused}.lora_up.weight": up,
+             f"lora_unet_{fused}.alpha": torch.tensor(1.0),
+             f"lora_unet_{whole}.lora_down.weight": torch.randn(2, whole_in, generator=gen),
+             f"lora_unet_{whole}.lora_up.weight": torch.randn(width, 2, generator=gen)}
+    weights = from_state_dict(state, denoiser.naming, source="original-names")
+    pieces = ["attn.to_q", "attn.to_k", "attn.to_v"] if family == "flux" else \
+        ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+    target = "transformer_blocks.1.attn.to_add_out" if family == "flux" else "transformer_blocks.1.ff.net.2"
+    assert set(weights.modules) == {f"transformer_blocks.0.{p}" for p in pieces} | {target}
+    delta = torch.cat([weights.modules[f"transformer_blocks.0.{p}"].delta_weight() for p in pieces])
     torch.testing.assert_close(delta, (up @ down) * 0.5)
 
 

@@ -18,7 +18,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from ..config import classify_diffusers_dit_module
 from ..denoiser import Cond
 from ..errors import SliderError
-from ..formats import UnetNaming
+from ..formats import UnetNaming, flux_host_names, mmdit_host_names
 from .diffusers_backend import PipelineDenoiser
 from .peft_sliders import PeftSliderHost
 
@@ -51,9 +51,17 @@ class FlowDenoiser(PipelineDenoiser):
         self._freeze(pipe, self.transformer)
         self.family = family or detect_flow_family(self.transformer, self.is_flux)
         self.sliders = PeftSliderHost(self.transformer, classify=classify_diffusers_dit_module)
-        # Flux files in forms only diffusers knows (kohya with BFL names `lora_unet_double_blocks_…`, XLabs)
-        # go through diffusers' own Flux converter
+        # files on the original names (ComfyUI's, kohya's: as ComfyUI trains them): whole layers aliased, the
+        # fused ones split into diffusers' layers; other Flux forms (XLabs, …) through diffusers' converter
+        cfg = self.transformer.config
+        width = cfg.attention_head_dim * cfg.num_attention_heads
+        if self.is_flux:
+            mlp_width = self.transformer.single_transformer_blocks[0].proj_mlp.out_features
+            aliases, splits = flux_host_names(cfg.num_layers, cfg.num_single_layers, width, mlp_width)
+        else:
+            aliases, splits = mmdit_host_names(cfg.num_layers, width)
         self.naming = UnetNaming(self.sliders.lora_candidates(), weight_shapes=self.sliders.weight_shapes(),
+                                 aliases=aliases, splits=splits,
                                  convert=FluxPipeline.lora_state_dict if self.is_flux else None)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = int(self.vae.config.latent_channels)
