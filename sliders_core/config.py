@@ -15,7 +15,7 @@ from .errors import SliderError
 # its diffusers module path; a preset selects modules by path and kind.
 LAYER_KINDS = ("self_attn", "cross_attn_q", "cross_attn_kv", "cross_attn_out", "transformer_other",
                "resnet", "sampler", "other",
-               # flow transformers (Flux, SD3 / SD3.5 MMDiT), by the host's own module paths
+               # flow transformers (Flux, SD3 / SD3.5 MMDiT, Chroma, Qwen-Image), by the host's or diffusers' paths
                "joint_attn", "single_block", "dit_mlp", "modulation")
 # the block lists of a flow transformer: the host's names (Flux, SD3), then diffusers' (both families)
 _DIT_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks.", "single_transformer_blocks.")
@@ -228,7 +228,7 @@ class TrainConfig(RunOptions):
     eta: float | None = None  # None: take η from the prompt set (its guidance_scale), else 1.0
     resolution: int | None = None  # None: the prompt set's, else the model's native size
     batch_size: int | None = None  # None: the prompt set's, else 1
-    layers: str = "noxattn"
+    layers: str = "auto"  # noxattn on UNets (the official default), dit-attn on DiTs
     seed: int = 0
     # x_t comes from one frozen denoising trajectory per refresh, reused for several iterations
     # (the reference re-denoises for every iteration, ≈80 % of its cost).
@@ -326,7 +326,7 @@ class PairTrainConfig(BatchedRunOptions):
     alpha: float = 1.0
     lr: float = 2e-4
     iterations: int = 1000
-    layers: str = "noxattn"
+    layers: str = "auto"  # noxattn on UNets (the official default), dit-attn on DiTs
     seed: int = 0
     batch_size: int = 1  # pairs per step, all of one strength level
     save_every: int = 0

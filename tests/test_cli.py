@@ -165,5 +165,10 @@ def test_cli_trains_and_renders_a_flow_transformer_slider(tmp_path, prompt_file,
                        "--steps", 2, "--resolution", 32, "--out", tmp_path / "g.png")
     assert code == 0 and (tmp_path / "g.png").is_file(), err
     code, _, err = run(capsys, "train", "--model", model, "--prompts", prompt_file, "--out-dir", tmp_path,
-                       "--name", "bad", "--iterations", 1, "--resolution", 32)  # the UNet default preset
+                       "--name", "bad", "--iterations", 1, "--resolution", 32, "--layers", "noxattn")  # a UNet preset
     assert code == 2 and "dit-attn" in err
+    code, summary, _ = run(capsys, "train", "--model", model, "--prompts", prompt_file, "--out-dir", tmp_path,
+                           "--name", "auto", "--iterations", 1, "--resolution", 32)  # the default: auto
+    assert code == 0
+    code, info, _ = run(capsys, "info", summary["slider"])
+    assert info["metadata"]["sliders.layers"] == "dit-attn"
