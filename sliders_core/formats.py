@@ -296,7 +296,12 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
                     metadata: Mapping[str, str] | None = None, source: str = "slider") -> SliderWeights:
     """Any supported key form → SliderWeights keyed by the model's diffusers module paths."""
     if naming.convert is not None and not all(_known(key, naming) for key in state):
-        state = naming.convert(dict(state))
+        try:
+            state = naming.convert(dict(state))
+        except Exception as exc:  # a converter's own asserts and key errors mean: not a form it knows either
+            raise SliderError(f"{source}: keys in a form this model's names do not match, and diffusers' converter "
+                              f"could not read it either ({type(exc).__name__}: {exc}); e.g. "
+                              f"{[k for k in state if not _known(k, naming)][:3]}") from exc
     parts: dict[str, dict[str, torch.Tensor]] = {}
     fused: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = {}  # path → (first row, rows) → part
     split: dict[str, tuple[list[tuple[str, int, int]], dict[str, torch.Tensor]]] = {}  # fused layer → pieces, parts

@@ -237,3 +237,14 @@ def test_sliderspace_discovers_on_a_flow_model(tmp_path):
     weights = load_slider(tmp_path / "direction_0.safetensors", flux.naming, flux.family)
     assert weights.metadata["sliders.kind"] == "sliderspace"
     assert sorted(weights.modules) == preset_modules(flux.sliders.lora_candidates(), "dit-attn")
+
+
+def test_a_file_nothing_can_read_is_refused_with_the_keys():
+    flux = FlowDenoiser(tiny_flux_pipeline(seed=0))
+    state = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 64),
+             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(100, 2),  # 100 rows: no fit
+             "something_else.lora_down.weight": torch.zeros(2, 64)}
+    from sliders_core.formats import from_state_dict
+
+    with pytest.raises(SliderError, match="something_else"):
+        from_state_dict(state, flux.naming, source="odd")
