@@ -1099,13 +1099,15 @@ def test_pair_node_on_flow_transformers_saves_a_slider_the_stock_loader_reads(lo
     assert torch.allclose(run(stock), out_ours, atol=1e-6) and not torch.allclose(out_ours, run(patcher))
 
 
-def test_discover_node_on_flux(tmp_path, loras):
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_discover_node_on_flow_transformers(tmp_path, loras, family):
     _, vision = _tiny_clip_vision(tmp_path)
-    out = discover(comfy_support.tiny_flux_patcher(), FakeClip(), comfy_support.tiny_vae(latent_channels=16),
+    model = comfy_support.tiny_flux_patcher() if family == "flux" else comfy_support.tiny_sd3_patcher()
+    out = discover(model, FakeClip(), comfy_support.tiny_vae(latent_channels=16),
                    images=6, k=2, iterations=2, steps=3, resolution=64, concept="a person", clip_vision=vision)
     sliders = out["result"][0]
     assert len(sliders) == 2 and (loras / "sliders" / "a_person" / "a_person_1.safetensors").is_file()
-    assert sliders[0].metadata["sliders.layers"] == "dit-attn" and sliders[0].family == "flux"
+    assert sliders[0].metadata["sliders.layers"] == "dit-attn" and sliders[0].family == family
 
 
 # -- more DiT families: Chroma (Flux's blocks, CFG, no pooled vector) and Qwen-Image (diffusers names) --

@@ -218,7 +218,8 @@ def test_pair_slider_trains_both_signs_on_flow_models(flow, tmp_path):
     assert result.weights.metadata["sliders.kind"] == "pairs"
 
 
-def test_sliderspace_discovers_on_a_flow_model(tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_sliderspace_discovers_on_a_flow_model(tmp_path, family):
     from sliders_core.shapes.encoder import load_shapes_encoder
     from sliders_core.sliderspace import (
         SliderSpaceConfig,
@@ -227,7 +228,8 @@ def test_sliderspace_discovers_on_a_flow_model(tmp_path):
         train_sliderspace,
     )
 
-    flux, encoder = FlowDenoiser(tiny_flux_pipeline(seed=0)), load_shapes_encoder()
+    flux = FlowDenoiser(tiny_flux_pipeline(seed=0) if family == "flux" else tiny_sd3_pipeline(seed=0))
+    encoder = load_shapes_encoder()
     found = generate_concept_images(flux, "a circle", 6, seed=0, batch=3, steps=3)
     directions, explained = principal_directions(encoder.embed(found.images.float()), 2)
     results = train_sliderspace(flux, encoder, found, directions, explained, "a circle",
