@@ -160,16 +160,18 @@ class UnetNaming:
         module (diffusers' `transformer_blocks.0.attn.to_out.0`) to it, and `slices` maps a module
         that the host fuses with others (diffusers' to_q / to_k / to_v → one qkv) to (path, first
         output row, rows). `splits` is the other way round, for a model named by diffusers: another
-        naming's fused layer (the host's `qkv`) → the (path, first row, rows) of each piece. `convert` rewrites a file in a form only the host's library knows (diffusers'
-        Flux loader: kohya files with BFL names, XLabs, …) into one of ours, for files nothing here matches."""
+        naming's fused layer (the host's `qkv`) → the (path, first row, rows) of each piece. `convert`
+        rewrites a file in a form only the host's library knows (diffusers' Flux loader: XLabs, …) into
+        one of ours, for files nothing here matches."""
         self.module_paths = set(module_paths)
         self.weight_shapes = dict(weight_shapes or {})
         self.aliases = {a: p for a, p in (aliases or {}).items() if p in self.module_paths}
         self.slices = {a: v for a, v in (slices or {}).items() if v[0] in self.module_paths}
         self._by_stem = {kohya_stem(p): p for p in self.module_paths}
         self._slice_by_stem: dict[str, tuple[str, int, int]] = {}
+        diffusers_dit = is_diffusers_dit(self.module_paths)
         for prefix in DIT_KOHYA_PREFIXES:  # diffusers names of a flow transformer, in kohya form
-            for path in self.module_paths if self.module_paths and is_diffusers_dit(self.module_paths) else ():
+            for path in self.module_paths if diffusers_dit else ():
                 self._by_stem.setdefault(prefix + path.replace(".", "_"), path)
             for alias, path in self.aliases.items():
                 self._by_stem.setdefault(prefix + alias.replace(".", "_"), path)
@@ -307,39 +309,19 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
     split: dict[str, tuple[list[tuple[str, int, int]], dict[str, torch.Tensor]]] = {}  # fused layer → pieces, parts
     unknown, unmatched, skipped_te = [], [], []
     for key, tensor in state.items():
-        if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
+        kind, target, module_key, part = _place(key, naming)
+        if kind == "text_encoder":
             skipped_te.append(key)
-            continue
-        for form, pattern in _PATTERNS:  # noqa: B007 (form is read after the loop breaks)
-            match = pattern.match(key)
-            if match:
-                break
-        else:
+        elif kind == "unknown":
             unknown.append(key)
-            continue
-        module_key, part = match.group(1), _PART[match.group(2)]
-        pieces = naming.split_of(module_key, form) if form in ("kohya", "comfy") else None
-        if pieces is not None:
-            split.setdefault(module_key, (pieces, {}))[1][part] = tensor
-            continue
-        if form == "kohya":
-            path = naming.from_kohya(module_key)
-            piece = naming.slice_of_stem(module_key) if path is None else None
-            if piece is not None:
-                fused.setdefault(piece[0], {}).setdefault(piece[1:], {})[part] = tensor
-                continue
-        elif form == "comfy":
-            path = naming.from_ldm(module_key) or naming.from_dotted(module_key)
-        else:
-            path = naming.from_dotted(module_key)
-            piece = naming.slice_of(module_key) if path is None else None
-            if piece is not None:
-                fused.setdefault(piece[0], {}).setdefault(piece[1:], {})[part] = tensor
-                continue
-        if path is None:
+        elif kind == "unmatched":
             unmatched.append(key)
-            continue
-        parts.setdefault(path, {})[part] = tensor
+        elif kind == "split":
+            split.setdefault(module_key, (target, {}))[1][part] = tensor
+        elif kind == "slice":
+            fused.setdefault(target[0], {}).setdefault(target[1:], {})[part] = tensor
+        else:
+            parts.setdefault(target, {})[part] = tensor
     if unknown:
         raise SliderError(f"{source}: {len(unknown)} key(s) in no known LoRA format, e.g. {unknown[:3]}")
     if unmatched:
@@ -374,20 +356,42 @@ def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
     return SliderWeights(modules=modules, metadata=dict(metadata or {}))
 
 
-def _known(key: str, naming: UnetNaming) -> bool:
-    """Whether `from_state_dict` can place this key without the host's converter."""
-    for form, pattern in _PATTERNS:
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_")  # "lora_te" covers kohya's lora_te1 / lora_te2
+
+
+def _place(key: str, naming: UnetNaming) -> tuple[str, Any, str | None, str | None]:
+    """Where one key of a file goes: (kind, target, module key, part). kind: "text_encoder" (skipped),
+    "unknown" (no LoRA form), "unmatched" (a known form, a module this model lacks), "split" (target:
+    the pieces this model keeps apart of a layer the file has fused), "slice" (target: (path, first
+    row, rows) of a layer this model fuses) or "whole" (target: the module path)."""
+    if key.startswith(_TEXT_ENCODER_PREFIXES):
+        return "text_encoder", None, None, None
+    for form, pattern in _PATTERNS:  # noqa: B007 (form is read after the loop breaks)
         match = pattern.match(key)
         if match:
-            module = match.group(1)
-            if naming.split_of(module, form) is not None:
-                return True
-            if form == "kohya":
-                return naming.from_kohya(module) is not None or naming.slice_of_stem(module) is not None
-            if form == "comfy":
-                return (naming.from_ldm(module) or naming.from_dotted(module)) is not None
-            return naming.from_dotted(module) is not None or naming.slice_of(module) is not None
-    return key.startswith(("lora_te", "text_encoder", "te_"))
+            break
+    else:
+        return "unknown", None, None, None
+    module, part = match.group(1), _PART[match.group(2)]
+    pieces = naming.split_of(module, form) if form in ("kohya", "comfy") else None
+    if pieces is not None:
+        return "split", pieces, module, part
+    if form == "kohya":
+        path, piece = naming.from_kohya(module), naming.slice_of_stem(module)
+    elif form == "comfy":
+        path, piece = naming.from_ldm(module) or naming.from_dotted(module), None
+    else:
+        path, piece = naming.from_dotted(module), naming.slice_of(module)
+    if path is not None:
+        return "whole", path, module, part
+    if piece is not None:
+        return "slice", piece, module, part
+    return "unmatched", None, module, part
+
+
+def _known(key: str, naming: UnetNaming) -> bool:
+    """Whether `from_state_dict` can place this key without the host's converter."""
+    return _place(key, naming)[0] not in ("unknown", "unmatched")
 
 
 def _fuse(source: str, path: str, pieces: dict[tuple[int, int], dict[str, torch.Tensor]],

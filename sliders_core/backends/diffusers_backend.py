@@ -57,13 +57,17 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 class PipelineDenoiser:
     """What the UNet and the flow-transformer denoisers share: a frozen diffusers pipeline around one
-    network, its device and dtype read once, gradient checkpointing, text-encoder offloading, and the
-    sampling loop. Subclasses give `predict`, `new_scheduler(steps, noise)` and `cfg_free`."""
+    network, its device and dtype read once, gradient checkpointing, text-encoder offloading, the
+    sampling loop, and images to and from latents. Subclasses give `predict`, `new_scheduler(steps,
+    noise)`, `cfg_free`, `vae` and `image_multiple` (the side an image to encode must divide by)."""
 
     cfg_free = False  # guidance-distilled models (Flux) are sampled without CFG
 
-    def _freeze(self, pipe, network: torch.nn.Module) -> None:
+    def _freeze(self, pipe, network: torch.nn.Module, sample_defaults: dict | None) -> None:
         self.pipe, self.network = pipe, network
+        self.forward_count = 0  # single-sample network forwards, for the benchmarks
+        # sampler settings the model was tuned for ({"steps": .., "guidance": ..}; sliders_model.json)
+        self.sample_defaults = dict(sample_defaults or {})
         network.requires_grad_(False)
         # read once: in diffusers 0.42 `.device`/`.dtype` scan every module (≈1–3 ms a read, ≈20 % of a
         # training iteration on small models); the network is never moved after construction
@@ -139,13 +143,40 @@ class PipelineDenoiser:
         return trajectory
 
 
+    # -- images ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, H, W, 3] in 0..1 → the latents `decode` inverts (the VAE posterior mean, shifted and
+        scaled as the pipeline does; pixel models: the image in −1..1)."""
+        x = images[..., :3].permute(0, 3, 1, 2).float().to(self._device) * 2 - 1
+        if self.vae is None:
+            return x
+        if x.shape[-1] % self.image_multiple or x.shape[-2] % self.image_multiple:
+            raise SliderError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.image_multiple}")
+        cfg = self.vae.config
+        # a few images at a time: a VAE encoder at 1024² holds several GB of activations per image
+        latents = torch.cat([self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.mean for chunk in x.split(4)])
+        return (latents.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
+
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            if self.vae is not None:
+                cfg = self.vae.config
+                latents = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
+                images = self.vae.decode(latents).sample
+            else:
+                images = latents
+            images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return images if differentiable else images.cpu()
+
+
 class DiffusersDenoiser(PipelineDenoiser):
     def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, family: str | None = None,
                  sample_defaults: dict | None = None):
         self.unet: UNet2DConditionModel = pipe.unet
         self.vae: AutoencoderKL | None = getattr(pipe, "vae", None)
         self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
-        self._freeze(pipe, self.unet)
+        self._freeze(pipe, self.unet, sample_defaults)
         if self._device.type == "cpu":  # oneDNN convolutions run faster on NHWC weights (measured 3–20 % here)
             self.unet.to(memory_format=torch.channels_last)
         self.family = family or detect_family(self.unet, self.is_xl)
@@ -153,10 +184,8 @@ class DiffusersDenoiser(PipelineDenoiser):
         self.naming = UnetNaming(self.sliders.lora_candidates(), dict(self.unet.config),
                                  weight_shapes=self.sliders.weight_shapes())
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.image_multiple = self.latent_factor
         self.default_resolution = int(self.unet.config.sample_size) * self.latent_factor
-        self.forward_count = 0  # single-sample UNet forwards, for the benchmark
-        # sampler settings the model was tuned for ({"steps": .., "guidance": ..}; sliders_model.json)
-        self.sample_defaults = dict(sample_defaults or {})
 
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,30 +297,6 @@ class DiffusersDenoiser(PipelineDenoiser):
 
     def model_signature(self) -> list[float]:
         return [float(self.unet.get_submodule(m).weight.detach().double().norm()) for m in ("conv_in", "conv_out")]
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, H, W, 3] in 0..1 → the latents `decode` inverts (the VAE posterior mean; pixel
-        models: the image in −1..1)."""
-        x = images[..., :3].permute(0, 3, 1, 2).float().to(self._device) * 2 - 1
-        if self.vae is None:
-            return x
-        if x.shape[-1] % self.latent_factor or x.shape[-2] % self.latent_factor:
-            raise SliderError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.latent_factor}")
-        # a few images at a time: a VAE encoder at 1024² holds several GB of activations per image
-        latents = torch.cat([self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.mean for chunk in x.split(4)])
-        return latents.float() * self.vae.config.scaling_factor
-
-    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            if self.vae is not None:
-                scale = self.vae.config.scaling_factor
-                latents = latents.to(self.vae.dtype) / scale
-                images = self.vae.decode(latents).sample
-            else:
-                images = latents
-            images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        return images if differentiable else images.cpu()
 
 
 # ---------------------------------------------------------------------------------------------

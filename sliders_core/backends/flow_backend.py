@@ -48,7 +48,7 @@ class FlowDenoiser(PipelineDenoiser):
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.is_flux = isinstance(pipe, FluxPipeline)
-        self._freeze(pipe, self.transformer)
+        self._freeze(pipe, self.transformer, sample_defaults)
         self.family = family or detect_flow_family(self.transformer, self.is_flux)
         self.sliders = PeftSliderHost(self.transformer, classify=classify_diffusers_dit_module)
         # files on the original names (ComfyUI's, kohya's: as ComfyUI trains them): whole layers aliased, the
@@ -66,6 +66,7 @@ class FlowDenoiser(PipelineDenoiser):
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = int(self.vae.config.latent_channels)
         self.patch = 2 if self.is_flux else int(self.transformer.config.patch_size)
+        self.image_multiple = self.latent_factor * self.patch
         if self.is_flux:  # Flux has no native size in its config: 1024² for the real one, 16 latent pixels otherwise
             side = 128 if self.family in ("flux", "flux-schnell") else 16
         else:
@@ -77,8 +78,6 @@ class FlowDenoiser(PipelineDenoiser):
         tokenizer = pipe.tokenizer_2 if self.is_flux else getattr(pipe, "tokenizer_3", None)
         limit = MAX_SEQUENCE_LENGTH["flux" if self.is_flux else "sd3"]
         self.max_sequence_length = min(limit, tokenizer.model_max_length) if tokenizer is not None else limit
-        self.forward_count = 0
-        self.sample_defaults = dict(sample_defaults or {})
 
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -117,7 +116,7 @@ class FlowDenoiser(PipelineDenoiser):
         return FluxPipeline._unpack_latents(out, h * f, w * f, f).float()
 
     def initial_noise(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
-        multiple = self.latent_factor * self.patch
+        multiple = self.image_multiple
         if resolution < multiple or resolution % multiple:
             raise SliderError(f"resolution {resolution} must be a positive multiple of {multiple} for this model")
         side = resolution // self.latent_factor
@@ -172,21 +171,3 @@ class FlowDenoiser(PipelineDenoiser):
     def model_signature(self) -> list[float]:
         first = "x_embedder" if self.is_flux else "pos_embed.proj"
         return [float(self.transformer.get_submodule(m).weight.detach().double().norm()) for m in (first, "proj_out")]
-
-    # -- images ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        x = images[..., :3].permute(0, 3, 1, 2).float().to(self._device) * 2 - 1
-        multiple = self.latent_factor * self.patch
-        if x.shape[-1] % multiple or x.shape[-2] % multiple:
-            raise SliderError(f"image size {tuple(x.shape[-2:])} must be a multiple of {multiple}")
-        cfg = self.vae.config
-        latents = torch.cat([self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.mean for chunk in x.split(4)])
-        return (latents.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-
-    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-        cfg = self.vae.config
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            latents = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-            images = (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        return images if differentiable else images.cpu()
