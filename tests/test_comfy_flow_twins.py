@@ -81,6 +81,16 @@ def _inputs(core, seed=0):
     return x, torch.tensor([600.0]), core.encode(["a red circle"])
 
 
+def core_x0(core, slider, strength, x, level, cond):
+    """The core's denoised prediction with one slider at `strength`; every slider is off afterwards."""
+    core.sliders.set_scales({slider: strength})
+    try:
+        with torch.no_grad():
+            return x - level / 1000 * core.predict(x, level, cond)
+    finally:
+        core.sliders.set_scales({})
+
+
 def _close(a, b, tol=1e-4):
     return float((a - b).abs().max() / b.abs().max()) < tol
 
@@ -105,11 +115,8 @@ def test_core_slider_loads_in_the_stock_loader_with_equal_output(twins, tmp_path
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         path = save_slider(core.sliders.export("s"), tmp_path / "s.safetensors")
         x, level, cond = _inputs(core, seed=2)
-        core.sliders.set_scales({"s": strength})
-        with torch.no_grad():
-            ours = x - level / 1000 * core.predict(x, level, cond)
+        ours = core_x0(core, "s", strength, x, level, cond)
     finally:
-        core.sliders.set_scales({})
         core.sliders.remove("s")
     state, _ = read_state_dict(path)
     stock, unloaded = comfy_support.load_lora_into(patcher, state, strength)
@@ -167,11 +174,8 @@ def test_a_slider_on_the_hosts_names_loads_in_the_core_with_the_hosts_output(twi
     weights = from_state_dict(state, core.naming, source="host-named")
     core.sliders.add("host", weights)
     try:
-        core.sliders.set_scales({"host": strength})
-        with torch.no_grad():
-            ours = x - level / 1000 * core.predict(x, level, cond)
+        ours = core_x0(core, "host", strength, x, level, cond)
     finally:
-        core.sliders.set_scales({})
         core.sliders.remove("host")
     assert not _close(theirs, comfy_x0(patcher, x, level, cond, core.is_flux), 1e-3)
     assert _close(ours, theirs)

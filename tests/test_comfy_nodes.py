@@ -912,6 +912,19 @@ def test_flux_train_node_saves_a_slider_the_stock_loader_reads_with_equal_output
     assert "8 steps" in report
 
 
+def train_age_slider(denoiser, layers: str):
+    """30 quick steps of an age slider through the core's trainer on a ComfyDenoiser (trajectory drawn once)."""
+    from concept_sliders_pack.sliders_core.config import TrainConfig
+    from concept_sliders_pack.sliders_core.prompts import PromptPair
+    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
+
+    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
+    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers=layers, resolution=64, trajectory_steps=2,
+                         trajectory_reuse=1000, seed=0)
+    with torch.inference_mode(False):
+        return train_text_slider(denoiser, [pair], config, name="age", progress=False)
+
+
 def test_flux_training_loss_falls_and_samples_without_cfg(loras):
     patcher, clip = comfy_support.tiny_flux_patcher(), FakeClip()
     denoiser = ComfyDenoiser(patcher, clip)
@@ -923,16 +936,8 @@ def test_flux_training_loss_falls_and_samples_without_cfg(loras):
         noise = denoiser.initial_noise(1, 64, torch.Generator().manual_seed(0))
         denoiser.sample(denoiser.encode(["a person"]), denoiser.encode([""]), guidance=3.0, steps=4, noise=noise)
     assert noise.shape == (1, 16, 8, 8) and calls == [1] * 4  # one sample per step: no CFG doubling
-    from concept_sliders_pack.sliders_core.config import TrainConfig
-    from concept_sliders_pack.sliders_core.prompts import PromptPair
-    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
-
     denoiser.predict = original
-    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
-    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers="dit-attn", resolution=64, trajectory_steps=2,
-                         trajectory_reuse=1000, seed=0)
-    with torch.inference_mode(False):
-        result = train_text_slider(denoiser, [pair], config, name="age", progress=False)
+    result = train_age_slider(denoiser, "dit-attn")
     assert result.losses[-1] < 0.6 * result.losses[0], result.losses  # attention-only LoRA on a random model
     assert result.unet_samples_per_iteration <= 4  # no CFG doubling in the trajectory either
 
@@ -994,9 +999,7 @@ def test_sd3_train_node_saves_a_slider_the_stock_loader_reads_with_equal_output(
 
 
 def test_sd3_presets_sampling_with_cfg_and_training(loras):
-    from concept_sliders_pack.sliders_core.config import TrainConfig, preset_modules
-    from concept_sliders_pack.sliders_core.prompts import PromptPair
-    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
+    from concept_sliders_pack.sliders_core.config import preset_modules
 
     denoiser = ComfyDenoiser(comfy_support.tiny_sd3_patcher(), FakeClip())
     assert denoiser.family == "sd3" and denoiser.dit and not denoiser.cfg_free and denoiser.guidance_input is None
@@ -1007,11 +1010,7 @@ def test_sd3_presets_sampling_with_cfg_and_training(loras):
                              "joint_blocks.1.context_block.attn.qkv"])
     assert {"joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.context_block.mlp.fc2"} <= set(
         preset_modules(denoiser.sliders.lora_candidates(), "dit-all"))
-    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
-    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers="dit-attn", resolution=64, trajectory_steps=2,
-                         trajectory_reuse=1000, seed=0)
-    with torch.inference_mode(False):
-        result = train_text_slider(denoiser, [pair], config, name="age", progress=False)
+    result = train_age_slider(denoiser, "dit-attn")
     assert result.losses[-1] < 0.6 * result.losses[0], result.losses
     calls, original = [], denoiser.predict
     denoiser.predict = lambda x, *a, **k: calls.append(x.shape[0]) or original(x, *a, **k)
@@ -1127,19 +1126,12 @@ def dit_forward(patcher, clip, seed=5):
 
 @pytest.mark.parametrize("family", sorted(FLOW_FAMILIES))
 def test_more_dit_families_train_with_cfg_and_save_sliders_the_stock_loader_reads(loras, family):
-    from concept_sliders_pack.sliders_core.config import TrainConfig
-    from concept_sliders_pack.sliders_core.prompts import PromptPair
-    from concept_sliders_pack.sliders_core.text_slider import train_text_slider
     from safetensors.torch import load_file
 
     patcher, clip = FLOW_FAMILIES[family](), FakeClip()
     denoiser = ComfyDenoiser(patcher, clip)
     assert denoiser.family == family and denoiser.dit and not denoiser.cfg_free
-    pair = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0)
-    config = TrainConfig(iterations=30, lr=2e-2, rank=4, layers="auto", resolution=64, trajectory_steps=2,
-                         trajectory_reuse=1000, seed=0)
-    with torch.inference_mode(False):
-        result = train_text_slider(denoiser, [pair], config, name="age", progress=False)
+    result = train_age_slider(denoiser, "auto")
     assert result.losses[-1] < 0.6 * result.losses[0], result.losses
     assert result.weights.metadata["sliders.layers"] == "dit-attn"
     noise = denoiser.initial_noise(1, 64, torch.Generator().manual_seed(0))
