@@ -53,17 +53,20 @@ EVAL_PROMPT = "a circle"
 
 
 class StepClock:
-    """Times every optimiser step and counts UNet samples in between (the same probe for both loops)."""
+    """Times every optimiser step and counts UNet samples in between (the same probe for both loops).
+
+    Both wall time and this process's CPU time: on one thread the CPU time leaves out the time the
+    process was descheduled (other jobs, a VM's stolen time), the main source of drift between rounds."""
 
     def __init__(self):
-        self.steps: list[tuple[float, int]] = []
+        self.steps: list[tuple[float, float, int]] = []
         self.samples = 0
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         register_optimizer_step_post_hook(self._on_step)
 
     def _on_step(self, *_):
-        self.steps.append((time.perf_counter(), self.samples))
+        self.steps.append((time.perf_counter(), time.process_time(), self.samples))
 
     def count(self, unet: torch.nn.Module):
         def hook(_module, args, kwargs):
@@ -71,13 +74,13 @@ class StepClock:
             self.samples += sample.shape[0]
         return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
-    def measure(self, run) -> tuple[float, float]:
-        """(seconds, UNet samples) per iteration of `run()`, between its first and last step."""
+    def measure(self, run) -> tuple[float, float, float]:
+        """(wall seconds, CPU seconds, UNet samples) per iteration of `run()`, between its first and last step."""
         self.steps.clear()
         run()
-        (t0, s0), (t1, s1) = self.steps[0], self.steps[-1]
+        (w0, c0, s0), (w1, c1, s1) = self.steps[0], self.steps[-1]
         n = len(self.steps) - 1
-        return (t1 - t0) / n, (s1 - s0) / n
+        return (w1 - w0) / n, (c1 - c0) / n, (s1 - s0) / n
 
 
 class OfficialTrainer:
@@ -165,29 +168,38 @@ def main() -> None:
     rows = {"ours": [], "official": []}
     for r in range(args.rounds):  # interleaved: both loops see the same machine state
         for name, run in (("official", lambda: official.train(args.official_iterations + 1)), ("ours", ours_round)):
-            seconds, samples = clock.measure(run)
-            rows[name].append((seconds, samples))
-            print(f"round {r + 1} {name:8s}: {seconds * 1000:7.1f} ms/iter, {samples:5.1f} UNet samples/iter", flush=True)
+            seconds, cpu_seconds, samples = clock.measure(run)
+            rows[name].append((seconds, samples, cpu_seconds))
+            print(f"round {r + 1} {name:8s}: {seconds * 1000:7.1f} ms/iter (CPU {cpu_seconds * 1000:7.1f}), "
+                  f"{samples:5.1f} UNet samples/iter", flush=True)
 
     summary = {"model": args.model, "resolution": resolution, "threads": args.threads, "rounds": args.rounds,
                "official_iterations_per_round": args.official_iterations + 1,
                "ours_iterations_per_round": ours_iterations}
     for name, values in rows.items():
         times = [v[0] for v in values]
+        cpu = [v[2] for v in values]
         summary[name] = {"min_ms": min(times) * 1000, "median_ms": statistics.median(times) * 1000,
+                         "cpu_min_ms": min(cpu) * 1000, "cpu_median_ms": statistics.median(cpu) * 1000,
                          "unet_samples_per_iter": statistics.median(v[1] for v in values)}
     summary["speedup_min"] = summary["official"]["min_ms"] / summary["ours"]["min_ms"]
     summary["speedup_median"] = summary["official"]["median_ms"] / summary["ours"]["median_ms"]
     # each round's two loops ran back to back, so their ratio is the least exposed to the machine's drift
     summary["speedup_per_round"] = [o[0] / u[0] for o, u in zip(rows["official"], rows["ours"])]
+    for stat in ("min", "median"):
+        summary[f"cpu_speedup_{stat}"] = summary["official"][f"cpu_{stat}_ms"] / summary["ours"][f"cpu_{stat}_ms"]
+    summary["cpu_speedup_per_round"] = [o[2] / u[2] for o, u in zip(rows["official"], rows["ours"])]
     print(f"\n{args.model} @ {resolution} px, {args.threads} thread(s), {args.rounds} rounds")
-    print("| loop | ms / iteration (min) | (median) | UNet samples / iteration |")
+    print("| loop | wall ms / iteration (min / median) | CPU ms / iteration (min / median) | UNet samples / iteration |")
     print("|---|---|---|---|")
     for name in ("official", "ours"):
         s = summary[name]
-        print(f"| {name} | {s['min_ms']:.0f} | {s['median_ms']:.0f} | {s['unet_samples_per_iter']:.1f} |")
-    print(f"speed-up: {summary['speedup_min']:.1f}x (min), {summary['speedup_median']:.1f}x (median); per round "
+        print(f"| {name} | {s['min_ms']:.0f} / {s['median_ms']:.0f} | {s['cpu_min_ms']:.0f} / {s['cpu_median_ms']:.0f} "
+              f"| {s['unet_samples_per_iter']:.1f} |")
+    print(f"speed-up, wall: {summary['speedup_min']:.1f}x (min), {summary['speedup_median']:.1f}x (median); per round "
           + ", ".join(f"{r:.1f}x" for r in summary["speedup_per_round"]))
+    print(f"speed-up, CPU:  {summary['cpu_speedup_min']:.1f}x (min), {summary['cpu_speedup_median']:.1f}x (median); "
+          "per round " + ", ".join(f"{r:.1f}x" for r in summary["cpu_speedup_per_round"]))
 
     if args.budget > 0 and denoiser.family == "shapes":
         from sliders_core.shapes.metrics import measure_batch
