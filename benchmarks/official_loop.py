@@ -55,8 +55,9 @@ EVAL_PROMPT = "a circle"
 class StepClock:
     """Times every optimiser step and counts UNet samples in between (the same probe for both loops).
 
-    Both wall time and this process's CPU time: on one thread the CPU time leaves out the time the
-    process was descheduled (other jobs, a VM's stolen time), the main source of drift between rounds."""
+    Both wall time and this process's CPU time: on one thread CPU time leaves out the time the process
+    was descheduled, so the two together tell descheduling (CPU < wall) from a machine that is itself
+    slower for a while (CPU ≈ wall)."""
 
     def __init__(self):
         self.steps: list[tuple[float, float, int]] = []
@@ -168,27 +169,27 @@ def main() -> None:
     rows = {"ours": [], "official": []}
     for r in range(args.rounds):  # interleaved: both loops see the same machine state
         for name, run in (("official", lambda: official.train(args.official_iterations + 1)), ("ours", ours_round)):
-            seconds, cpu_seconds, samples = clock.measure(run)
-            rows[name].append((seconds, samples, cpu_seconds))
+            seconds, cpu_seconds, samples = row = clock.measure(run)
+            rows[name].append(row)
             print(f"round {r + 1} {name:8s}: {seconds * 1000:7.1f} ms/iter (CPU {cpu_seconds * 1000:7.1f}), "
                   f"{samples:5.1f} UNet samples/iter", flush=True)
 
     summary = {"model": args.model, "resolution": resolution, "threads": args.threads, "rounds": args.rounds,
                "official_iterations_per_round": args.official_iterations + 1,
                "ours_iterations_per_round": ours_iterations}
+    clocks = (("", 0), ("cpu_", 1))  # key prefix, index in a measured row (wall, CPU, samples)
     for name, values in rows.items():
-        times = [v[0] for v in values]
-        cpu = [v[2] for v in values]
-        summary[name] = {"min_ms": min(times) * 1000, "median_ms": statistics.median(times) * 1000,
-                         "cpu_min_ms": min(cpu) * 1000, "cpu_median_ms": statistics.median(cpu) * 1000,
-                         "unet_samples_per_iter": statistics.median(v[1] for v in values)}
-    summary["speedup_min"] = summary["official"]["min_ms"] / summary["ours"]["min_ms"]
-    summary["speedup_median"] = summary["official"]["median_ms"] / summary["ours"]["median_ms"]
-    # each round's two loops ran back to back, so their ratio is the least exposed to the machine's drift
-    summary["speedup_per_round"] = [o[0] / u[0] for o, u in zip(rows["official"], rows["ours"])]
-    for stat in ("min", "median"):
-        summary[f"cpu_speedup_{stat}"] = summary["official"][f"cpu_{stat}_ms"] / summary["ours"][f"cpu_{stat}_ms"]
-    summary["cpu_speedup_per_round"] = [o[2] / u[2] for o, u in zip(rows["official"], rows["ours"])]
+        summary[name] = {"unet_samples_per_iter": statistics.median(v[2] for v in values)}
+        for prefix, i in clocks:
+            times = [v[i] for v in values]
+            summary[name].update({f"{prefix}min_ms": min(times) * 1000,
+                                  f"{prefix}median_ms": statistics.median(times) * 1000})
+    for prefix, i in clocks:
+        for stat in ("min", "median"):
+            summary[f"{prefix}speedup_{stat}"] = (summary["official"][f"{prefix}{stat}_ms"]
+                                                  / summary["ours"][f"{prefix}{stat}_ms"])
+        # each round's two loops ran back to back, so their ratio is the least exposed to the machine's drift
+        summary[f"{prefix}speedup_per_round"] = [o[i] / u[i] for o, u in zip(rows["official"], rows["ours"])]
     print(f"\n{args.model} @ {resolution} px, {args.threads} thread(s), {args.rounds} rounds")
     print("| loop | wall ms / iteration (min / median) | CPU ms / iteration (min / median) | UNet samples / iteration |")
     print("|---|---|---|---|")
