@@ -12,8 +12,10 @@ the same noise at every α. Sliders trained here (eq. 8, our loop):
 - size-ff  : `size` on the layer preset `noxattn-ff` (this project's `noxattn` before v0.2) instead
              of the official `noxattn`
 - pair-size, pair-position : image-pair sliders from 6 exact shapes pairs (small → large; shape moved
-             left → right, a concept no caption names), empty prompt
+             left → right, a concept no caption names), each pair trained on its caption (what it
+             shows but the concept: "a red square")
 - pair-size-bal : pair-size from 6 balanced pairs (colours and shape types in turn, not drawn)
+- pair-size-empty : pair-size-bal on the empty prompt (the reference's default) instead of captions
 
     python benchmarks/slider_quality.py [--iterations 300] [--seeds 48] [--out benchmarks/results]
 """
@@ -42,7 +44,7 @@ from sliders_core.inference import generate  # noqa: E402
 from sliders_core.pair_slider import train_pair_slider  # noqa: E402
 from sliders_core.plots import line_plot  # noqa: E402
 from sliders_core.prompts import PromptPair  # noqa: E402
-from sliders_core.shapes.data import COLORS, SIZES, render_concept_pairs  # noqa: E402
+from sliders_core.shapes.data import COLORS, SIZES, pair_captions, render_concept_pairs  # noqa: E402
 from sliders_core.shapes.encoder import load_shapes_encoder  # noqa: E402
 from sliders_core.shapes.metrics import measure_batch  # noqa: E402
 from sliders_core.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, SHAPES_MODEL_DIR  # noqa: E402
@@ -65,7 +67,7 @@ SIGNS = {"size": "both", "size-abl": "both", "size-ff": "both", "colour": "plus"
 # of 100 · cos(image, caption) for the caption of the slider's positive side
 TARGET_CAPTION = {"size": "a large circle", "size-abl": "a large circle", "size-ref": "a large circle",
                   "size-ff": "a large circle", "pair-size": "a large circle", "pair-size-bal": "a large circle",
-                  "colour": "a red circle"}
+                  "pair-size-empty": "a large circle", "colour": "a red circle"}
 SCORED_CAPTIONS = sorted({*TARGET_CAPTION.values(), "a small circle", "a blue circle"})  # + the prompted ones
 ENCODER = load_shapes_encoder()
 
@@ -85,8 +87,9 @@ def measure(images: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
-# visual sliders from 6 exact shapes pairs: (concept, balanced)
-PAIR_SLIDERS = {"pair-size": ("size", False), "pair-size-bal": ("size", True), "pair-position": ("position", False)}
+# visual sliders from 6 exact shapes pairs: (concept, balanced, trained on the pairs' captions)
+PAIR_SLIDERS = {"pair-size": ("size", False, True), "pair-size-bal": ("size", True, True),
+                "pair-size-empty": ("size", True, False), "pair-position": ("position", False, True)}
 N_PAIRS = 6
 
 
@@ -142,9 +145,10 @@ def main() -> None:
     config = TrainConfig(iterations=args.iterations, lr=args.lr, resolution=32, rank=4, seed=0, layers="noxattn-ff",
                          trajectory_reuse=args.trajectory_reuse, signs=SIGNS["size-ff"])
     train_seconds["size-ff"] = train_text_slider(denoiser, [SLIDERS["size"]], config, name="size_ff").seconds
-    for name, (concept, balanced) in PAIR_SLIDERS.items():
+    for name, (concept, balanced, captioned) in PAIR_SLIDERS.items():
         a, b = render_concept_pairs(concept, N_PAIRS, seed=0, balanced=balanced)
-        pairs = pairs_from_batches(torch.from_numpy(a), torch.from_numpy(b), 32)
+        captions = pair_captions(concept, N_PAIRS, seed=0, balanced=balanced) if captioned else None
+        pairs = pairs_from_batches(torch.from_numpy(a), torch.from_numpy(b), 32, prompts=captions)
         config = PairTrainConfig(iterations=args.iterations, lr=args.pair_lr, rank=4, seed=0)
         train_seconds[name] = train_pair_slider(denoiser, pairs, config, name=name.replace("-", "_")).seconds
         print(f"trained {name} from {N_PAIRS} pairs: {train_seconds[name]:.0f} s")
@@ -229,7 +233,7 @@ def write_report(args, results, prompted, combos, held, delayed, base, train_sec
         lines.append(f"| {alpha:+g} | {start:.0%} | {r['area']:.3f} | {r['shape_same']:.0%} | {r['colour_same']:.0%} | "
                      f"{r['centroid_shift_px']:.2f} | {r['pixel_l1']:.3f} |")
     text = results["size"]
-    for name in ("pair-size", "pair-size-bal"):
+    for name in ("pair-size", "pair-size-bal", "pair-size-empty"):
         pair = results[name]
         ratio = {a: (pair[a]["area"] - pair[0.0]["area"]) / (text[a]["area"] - text[0.0]["area"]) for a in (-1.0, 1.0)}
         lines += ["", f"{name} ({N_PAIRS} pairs) against the text size slider, Δarea at α −1 / +1: "

@@ -1,4 +1,5 @@
-"""Load Image Pairs: a pairs folder under ComfyUI's input directory → two IMAGE batches and their strengths."""
+"""Load Image Pairs: a pairs folder under ComfyUI's input directory → two IMAGE batches, their strengths and
+captions."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ class LoadImagePairs:
     DESCRIPTION = ("Loads image pairs from a folder in ComfyUI's input directory: <folder>/A/<name>.png and "
                    "<folder>/B/<name>.png with matching names, optionally one level per strength (<folder>/2/A, "
                    "<folder>/2/B) or the official sliders' signed-scale folders. Every image is resized and "
-                   "centre-cropped to `resolution`.")
+                   "centre-cropped to `resolution`. A caption <name>.txt beside an A image is that pair's prompt.")
     CATEGORY = f"{CATEGORY}/train"
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("images_a", "images_b", "strengths")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("images_a", "images_b", "strengths", "captions")
     OUTPUT_TOOLTIPS = ("A images (less of the concept), in name order.", "B images, in the same order.",
-                       "One strength per pair, for Train Pair Slider.")
+                       "One strength per pair, for Train Pair Slider.",
+                       "One caption per line, in the pairs' order (from <name>.txt beside A; empty if the folder has "
+                       "none), for Train Pair Slider's prompt.")
     FUNCTION = "load"
 
     @classmethod
@@ -64,4 +67,4 @@ class LoadImagePairs:
 
     def load(self, folder, resolution):
         pairs = load_pair_folder(self._path(folder), resolution)
-        return (pairs.a, pairs.b, ", ".join(f"{s:g}" for s in pairs.strengths))
+        return (pairs.a, pairs.b, ", ".join(f"{s:g}" for s in pairs.strengths), "\n".join(pairs.prompts or []))

@@ -18,7 +18,7 @@ from ..sliders_core.config import (
     parse_numbers,
 )
 from ..sliders_core.formats import load_slider, safe_output_path
-from ..sliders_core.image_pairs import pairs_from_batches
+from ..sliders_core.image_pairs import pairs_from_batches, prompts_per_pair
 from ..sliders_core.inference import alpha_strip
 from ..sliders_core.pair_slider import train_pair_slider
 from ..sliders_core.plots import loss_plot
@@ -142,8 +142,11 @@ class TrainPairSlider(TrainingNode):
             "vae": ("VAE", {"tooltip": "The model's VAE: the pairs are trained on as latents."}),
             "images_a": ("IMAGE", {"tooltip": "A: less of the concept. One image per pair, in the order of B."}),
             "images_b": ("IMAGE", {"tooltip": "B: more of the concept, the same subjects in the same order as A."}),
-            "prompt": ("STRING", {"default": "", "tooltip": "Text condition for every pair; empty is the reference's "
-                                  "default."}),
+            "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                                  "One line: the text condition of every pair (empty is the reference's default). "
+                                  "One line per pair: each pair's caption, in order, describing all it shows but "
+                                  "the concept (connect Load Image Pairs' captions). Captions carry the slider to "
+                                  "your prompts better than the empty prompt."}),
             "strengths": ("STRING", {"default": "1", "tooltip": "The strength s each pair trains at (A at −s, B at +s): "
                                      "one number for all, or one per pair (Load Image Pairs gives them)."}),
             **training_inputs(iterations=1000, slider_name="my_pair_slider", resolution_tooltip=
@@ -159,14 +162,17 @@ class TrainPairSlider(TrainingNode):
                                  save_every=save_every, gradient_checkpointing=gradient_checkpointing)
         config.validate()
         resolution = resolution or native_resolution(model)
-        pairs = pairs_from_batches(images_a, images_b, resolution, parse_numbers(strengths, "strengths") or [1.0])
+        shared_prompt, captions = prompts_per_pair(prompt, images_a.shape[0])
+        pairs = pairs_from_batches(images_a, images_b, resolution, parse_numbers(strengths, "strengths") or [1.0],
+                                   prompts=captions)
 
         def run(denoiser, resume, out, on_step):
-            return train_pair_slider(denoiser, pairs, config, prompt=prompt, name="slider", resume=resume,
+            return train_pair_slider(denoiser, pairs, config, prompt=shared_prompt, name="slider", resume=resume,
                                      checkpoint_path=out, callback=on_step, progress=False)
 
+        preview_prompt = captions[0] if captions else shared_prompt  # the preview shows the first pair's caption
         return train_in_graph(run, model, clip, vae, slider_name, resume_from, iterations,
-                              preview=LivePreview(prompt, preview_every, resolution), node_id=unique_id)
+                              preview=LivePreview(preview_prompt, preview_every, resolution), node_id=unique_id)
 
 
 class LivePreview:

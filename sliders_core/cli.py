@@ -28,6 +28,7 @@ from .inversion import METHODS as INVERSION_METHODS
 from .inversion import InversionConfig
 from .sliderspace import ROTATIONS, SliderSpaceConfig
 
+log = logging.getLogger(__name__)
 EMBEDDED_MODELS = ("shapes", "tiny-sd1", "tiny-sdxl", "tiny-flux", "tiny-sd3")
 DEFAULT_MODEL = "shapes"  # the project's own trained model, shipped in models/shapes-v1
 # The demo: a size slider on the shapes model, colours held fixed (η on their mean push).
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(tp)
     tp.add_argument("--pairs", required=True, help="folder: A/ and B/ with matching file names (or one level per "
                     "strength, or the official signed-scale folders; see README)")
-    tp.add_argument("--prompt", default="", help="text condition for every pair (default: the empty prompt)")
+    tp.add_argument("--prompt", default="", help="text condition for every pair (default: the empty prompt); "
+                    "pairs with captions (<name>.txt beside A) train on their captions instead")
     tp.add_argument("--out-dir", default="out/sliders")
     tp.add_argument("--name", required=True, help="slider file name (no path separators)")
     pair_defaults = PairTrainConfig()
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--resolution", type=int, default=32)
     mp.add_argument("--balanced", action="store_true",
                     help="colours and shape types in turn instead of drawn: leaks less, moves less (README)")
+    mp.add_argument("--captions", action="store_true",
+                    help="also write A/<name>.txt: each pair's caption, all it shows but the concept (README)")
     mp.add_argument("--out", required=True, help="folder to create (A/ and B/ inside)")
 
     gen = sub.add_parser("generate", help="render with one or several sliders at given strengths")
@@ -237,6 +241,13 @@ def _write_png(image, path: str | Path) -> Path:
     return path
 
 
+def _write_text(text: str, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def cmd_train(args, model=None) -> dict:
     from .prompts import load_prompt_set
     from .text_slider import train_text_slider
@@ -290,10 +301,13 @@ def cmd_train_pairs(args, model=None) -> dict:
     denoiser = model or load_model(args.model, args.config, args.device)
     resolution = args.resolution or denoiser.default_resolution
     pairs = load_pair_folder(args.pairs, resolution)
+    if pairs.prompts and args.prompt:
+        log.warning("the pairs have captions; --prompt %r is not used", args.prompt)
     resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None
     result = train_pair_slider(denoiser, pairs, config, prompt=args.prompt, name="trained", resume=resume,
                                checkpoint_path=out)
     summary = {"slider": str(out), "family": denoiser.family, "kind": "pairs", "pairs": len(pairs),
+               "captions": pairs.prompts is not None,
                "strengths": sorted(set(pairs.strengths)), "iterations": config.iterations,
                "seconds": round(result.seconds, 2), "loss_first": result.losses[0], "loss_last": result.losses[-1]}
     if args.sweep is not None:
@@ -355,7 +369,7 @@ def load_embedder(name: str, denoiser):
 def cmd_make_pairs(args) -> dict:
     from PIL import Image
 
-    from .shapes.data import render_concept_pairs
+    from .shapes.data import pair_captions, render_concept_pairs
 
     if args.count < 1:
         raise SliderError("--count must be ≥ 1")
@@ -364,7 +378,11 @@ def cmd_make_pairs(args) -> dict:
     for side, images in (("A", a), ("B", b)):
         for i, image in enumerate(images):
             _write_png(Image.fromarray((image * 255).round().astype("uint8")), root / side / f"{i:03d}.png")
-    return {"pairs": str(root), "concept": args.concept, "count": args.count, "balanced": args.balanced}
+    if args.captions:
+        for i, caption in enumerate(pair_captions(args.concept, args.count, args.seed, args.balanced)):
+            _write_text(caption + "\n", root / "A" / f"{i:03d}.txt")
+    return {"pairs": str(root), "concept": args.concept, "count": args.count, "balanced": args.balanced,
+            "captions": args.captions}
 
 
 def cmd_demo(args) -> dict:

@@ -49,6 +49,11 @@ class Cond:
         """[a, b] → [a×n, b×n]: prompt-major layout, matching `x.repeat(len(cond), ...)`."""
         return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
 
+    def take(self, index: Sequence[int]) -> Cond:
+        """The entries at `index`, in that order (repeats allowed)."""
+        rows = torch.as_tensor(list(index), dtype=torch.long)
+        return Cond({k: v[rows.to(v.device)] for k, v in self.tensors.items()})
+
     def for_batch(self, n: int) -> Cond:
         """This condition for a batch of n samples: as it is when it has n entries, repeated when it has one."""
         if len(self) == n:

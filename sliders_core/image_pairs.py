@@ -8,7 +8,9 @@ A pair is (A, B): the same subject with less (A) and more (B) of the concept. Fo
                                                        by signed scale; -s holds A, +s holds B)
 
 Files pair up by name (the stem; the extension may differ). Images of other sizes are resized
-(shorter side) and centre-cropped to the training resolution, A and B the same way.
+(shorter side) and centre-cropped to the training resolution, A and B the same way. A caption
+`<name>.txt` beside the A (or B) image is that pair's prompt: what the pair shows, without the
+concept ("a red square" for a small → large pair). Either every pair has one or none has.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ MIN_PAIRS = 2  # one pair teaches that picture, not a direction
 
 @dataclass
 class ImagePairs:
-    """Pairs as image batches [N, H, W, 3] in 0..1 (the ComfyUI IMAGE layout), one strength per pair."""
+    """Pairs as image batches [N, H, W, 3] in 0..1 (the ComfyUI IMAGE layout), one strength per pair, and
+    optionally one prompt (caption) per pair; None: the training prompt conditions every pair."""
 
     a: torch.Tensor
     b: torch.Tensor
     strengths: list[float]
     names: list[str]
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return self.a.shape[0]
@@ -58,19 +62,32 @@ def square_image(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def pairs_from_batches(a: torch.Tensor, b: torch.Tensor, resolution: int, strengths: Sequence[float] = (1.0,),
-                       names: Sequence[str] | None = None) -> ImagePairs:
-    """Two IMAGE batches in the same order → checked, square pairs. `strengths`: one for all or one per pair."""
+                       names: Sequence[str] | None = None, prompts: Sequence[str] | None = None) -> ImagePairs:
+    """Two IMAGE batches in the same order → checked, square pairs. `strengths`: one for all or one per pair;
+    `prompts`: None, or one caption per pair."""
     if a.dim() != 4 or b.dim() != 4 or a.shape[-1] < 3 or b.shape[-1] < 3:
         raise SliderError(f"image batches must be [N, H, W, 3], got A {tuple(a.shape)} and B {tuple(b.shape)}")
     if a.shape[0] != b.shape[0]:
         raise SliderError(f"{a.shape[0]} image(s) in A but {b.shape[0]} in B: each A image needs its B image, "
                           "in the same order")
     names = list(names) if names is not None else [f"pair {i + 1}" for i in range(a.shape[0])]
-    return _checked(list(a[..., :3]), list(b[..., :3]), resolution, strengths, names)
+    return _checked(list(a[..., :3]), list(b[..., :3]), resolution, strengths, names, prompts)
+
+
+def prompts_per_pair(text: str, count: int) -> tuple[str, list[str] | None]:
+    """A prompt box → (the prompt for every pair, or None per-pair captions). One line: that prompt for all;
+    as many non-empty lines as pairs: one caption per pair, in order (what Load Image Pairs gives)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return (lines[0] if lines else ""), None
+    if len(lines) != count:
+        raise SliderError(f"the prompt has {len(lines)} lines for {count} pairs: give one line for every pair "
+                          "(a caption each, in the pairs' order) or a single prompt for all")
+    return "", lines
 
 
 def _checked(a: list[torch.Tensor], b: list[torch.Tensor], resolution: int, strengths: Sequence[float],
-             names: list[str]) -> ImagePairs:
+             names: list[str], prompts: Sequence[str] | None = None) -> ImagePairs:
     if len(a) < MIN_PAIRS:
         raise SliderError(f"{len(a)} image pair(s): give at least {MIN_PAIRS} (4–6 pairs of the same kind of "
                           "subject work); one pair teaches that picture, not a direction")
@@ -81,6 +98,10 @@ def _checked(a: list[torch.Tensor], b: list[torch.Tensor], resolution: int, stre
         raise SliderError(f"{len(strengths)} strengths for {len(a)} pairs: give one strength, or one per pair")
     if not all(math.isfinite(s) and s > 0 for s in strengths):
         raise SliderError(f"pair strengths must be positive numbers (A trains at −s, B at +s), got {strengths}")
+    if prompts is not None:
+        prompts = [str(p).strip() for p in prompts]
+        if len(prompts) != len(a):
+            raise SliderError(f"{len(prompts)} captions for {len(a)} pairs: give one caption per pair, or none")
     if resolution < 8:
         raise SliderError(f"resolution must be ≥ 8, got {resolution}")
     resized = [n for n, x, y in zip(names, a, b) if x.shape[:2] != (resolution, resolution)
@@ -92,7 +113,8 @@ def _checked(a: list[torch.Tensor], b: list[torch.Tensor], resolution: int, stre
     elif resized:
         log.info("%d pair(s) resized and centre-cropped to %d px", len(resized), resolution)
     return ImagePairs(a=torch.stack([square_image(x, resolution) for x in a]),
-                      b=torch.stack([square_image(y, resolution) for y in b]), strengths=strengths, names=names)
+                      b=torch.stack([square_image(y, resolution) for y in b]), strengths=strengths, names=names,
+                      prompts=prompts)
 
 
 def _images(folder: Path) -> dict[str, Path]:
@@ -163,7 +185,29 @@ def pair_folders(folder: str | Path) -> list[tuple[float, str, Path, Path]]:
     return found
 
 
+def pair_caption(a_file: Path, b_file: Path) -> str | None:
+    """The pair's caption: `<name>.txt` beside A or B (the same text if both have one), else None."""
+    found = {}
+    for path in (a_file.with_suffix(".txt"), b_file.with_suffix(".txt")):
+        if path.is_file():
+            try:
+                found[path] = " ".join(path.read_text(encoding="utf-8").split())
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SliderError(f"cannot read caption {path}: {exc}") from exc
+    if len(set(found.values())) > 1:
+        a_txt, b_txt = found
+        raise SliderError(f"captions {a_txt} and {b_txt} differ: a pair has one caption (keep one file, or make "
+                          "them equal)")
+    return next(iter(found.values()), None)
+
+
 def load_pair_folder(folder: str | Path, resolution: int) -> ImagePairs:
     entries = pair_folders(folder)
+    captions = [pair_caption(e[2], e[3]) for e in entries]
+    missing = [e[2].with_suffix(".txt") for e, c in zip(entries, captions) if c is None]
+    if len(missing) not in (0, len(entries)):
+        raise SliderError(f"{len(entries) - len(missing)} of {len(entries)} pairs have a caption (.txt); give every "
+                          f"pair one or none. Missing: {', '.join(str(m) for m in missing[:5])}")
     a, b = [read_image(e[2]) for e in entries], [read_image(e[3]) for e in entries]
-    return _checked(a, b, resolution, [e[0] for e in entries], [e[1] for e in entries])
+    return _checked(a, b, resolution, [e[0] for e in entries], [e[1] for e in entries],
+                    None if missing else captions)

@@ -7,8 +7,11 @@ For a pair (A = less of the concept, B = more) of the same subject, at strength 
 
 so the slider at −s denoises towards A and at +s towards B; what A and B share cancels out, and
 the LoRA learns only their difference. `target` is the backend's native training target (ε, v,
-or the flow velocity). The two signs need two forwards: a slider has one scale per forward on both
-backends (peft scaling, ComfyUI weight wrappers), so a batch cannot mix −s and +s.
+or the flow velocity). c is the pair's caption when the pairs have them, else one prompt for all:
+a slider learns its push under the condition it is trained on, and captions that describe each
+pair (all but the concept) carry it to other prompts better than the empty prompt (README).
+The two signs need two forwards: a slider has one scale per forward on both backends (peft
+scaling, ComfyUI weight wrappers), so a batch cannot mix −s and +s.
 """
 
 from __future__ import annotations
@@ -74,7 +77,11 @@ def train_pair_slider(
     order = random.Random(config.seed)
     with torch.no_grad():
         z_a, z_b = denoiser.encode_images(pairs.a), denoiser.encode_images(pairs.b)
-    cond = denoiser.encode([prompt])
+    # one condition per distinct prompt, encoded once; each pair indexes its own
+    pair_prompts = pairs.prompts or [prompt] * len(pairs)
+    distinct = sorted(set(pair_prompts))
+    conds = denoiser.encode(distinct)
+    cond_of_pair = [distinct.index(p) for p in pair_prompts]
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()
     run.metadata = lambda steps: pair_metadata(denoiser.family, config, steps, prompt, pairs)
@@ -89,7 +96,7 @@ def train_pair_slider(
     for step in run.steps():
         drawn = draw_step(denoiser, by_strength, z_a, config.batch_size, gen, order)
         loss_a, loss_b = pair_losses(denoiser, name, z_a[drawn.index], z_b[drawn.index], drawn,
-                                     cond.repeat_each(len(drawn.index)))
+                                     conds.take([cond_of_pair[i] for i in drawn.index]))
         run.step(step, loss_a + loss_b)  # the reference accumulates both gradients before one step
     return run.finish()
 
@@ -105,8 +112,9 @@ def draw_step(denoiser: Denoiser, by_strength: dict[float, list[int]], latents: 
 
 
 def pair_metadata(family: str, config: PairTrainConfig, steps: int, prompt: str, pairs: ImagePairs) -> dict[str, str]:
+    captions = {"sliders.captions": json.dumps(pairs.prompts[:50])} if pairs.prompts else {}
     return {**run_metadata(family, "pairs", config, steps, pairs.a.shape[1], config.batch_size),
-            "sliders.prompt": prompt,
+            "sliders.prompt": prompt, **captions,
             "sliders.pairs": json.dumps({"count": len(pairs), "names": pairs.names[:50],
                                          "strengths": sorted(set(pairs.strengths))})}
 

@@ -349,6 +349,18 @@ def test_pair_node_trains_a_slider_the_stock_loader_reads(loras):
     assert plot.shape[0] == 1
 
 
+def test_pair_node_trains_each_pair_on_its_caption_line(loras):
+    import json
+
+    from safetensors import safe_open
+
+    patcher, clip, vae = comfy_support.tiny_sd15_patcher(), FakeClip(), comfy_support.tiny_vae()
+    captions = ["a red face", "a blue face", "a green face"]
+    train_pairs(patcher, clip, vae, name="captioned", prompt="\n".join(captions) + "\n")
+    with safe_open(str(loras / "sliders" / "captioned.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["sliders.captions"]) == captions
+
+
 def test_pair_training_runs_on_the_comfy_backend_with_its_vae(loras):
     from concept_sliders_pack.sliders_core.config import PairTrainConfig
     from concept_sliders_pack.sliders_core.image_pairs import pairs_from_batches
@@ -385,6 +397,8 @@ def test_pair_node_bad_inputs(loras):
         train_pairs(patcher, clip, vae, strengths="1, 2")
     with pytest.raises(SliderError, match="path separators"):
         train_pairs(patcher, clip, vae, name="../x")
+    with pytest.raises(SliderError, match="2 lines for 3 pairs"):
+        train_pairs(patcher, clip, vae, prompt="a face\na smiling face")
 
 
 def test_load_image_pairs_node_reads_a_folder_under_input(tmp_path, monkeypatch):
@@ -400,8 +414,11 @@ def test_load_image_pairs_node_reads_a_folder_under_input(tmp_path, monkeypatch)
     (tmp_path / "not_pairs").mkdir()
     node = NODE_CLASS_MAPPINGS["ConceptSlidersLoadImagePairs"]
     assert node.INPUT_TYPES()["required"]["folder"][0] == ["faces"]
-    images_a, images_b, strengths = node().load("faces", 32)
-    assert images_a.shape == images_b.shape == (2, 32, 32, 3) and strengths == "1, 1"
+    images_a, images_b, strengths, captions = node().load("faces", 32)
+    assert images_a.shape == images_b.shape == (2, 32, 32, 3) and strengths == "1, 1" and captions == ""
+    for i, caption in enumerate(("a red face", "a blue face")):
+        (tmp_path / "faces" / "A" / f"{i}.txt").write_text(caption)
+    assert node().load("faces", 32)[3] == "a red face\na blue face"
     with pytest.raises(SliderError, match="directly under the input directory"):
         node().load("../faces", 32)
 

@@ -1,5 +1,7 @@
 """Image-pair sliders: data checks, shared noise and level, both signs trained, files."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,9 @@ from sliders_core.config import PairTrainConfig
 from sliders_core.denoiser import Cond
 from sliders_core.errors import SliderError, TrainingDivergedError
 from sliders_core.formats import load_slider
-from sliders_core.image_pairs import load_pair_folder, pair_folders, pairs_from_batches
+from sliders_core.image_pairs import load_pair_folder, pair_folders, pairs_from_batches, prompts_per_pair
 from sliders_core.pair_slider import train_pair_slider
-from sliders_core.shapes.data import concept_pair_specs, render_concept_pairs
+from sliders_core.shapes.data import concept_pair_specs, pair_captions, render_concept_pairs
 from sliders_core.shapes.metrics import measure_batch
 
 
@@ -126,6 +128,38 @@ def test_bad_folders_name_the_file(tmp_path):
         load_pair_folder(tmp_path / "missing", 32)
 
 
+def test_captions_beside_the_pairs(tmp_path):
+    from sliders_core.cli import main as cli_main
+
+    cli_main(["make-pairs", "--concept", "size", "--count", "3", "--balanced", "--captions", "--out",
+              str(tmp_path / "cap")])
+    pairs = load_pair_folder(tmp_path / "cap", 32)
+    assert pairs.prompts == pair_captions("size", 3, 0, balanced=True) == ["a red circle", "a green square",
+                                                                           "a blue triangle"]
+    assert load_pair_folder(tmp_path / "cap", 32).prompts == pairs.prompts  # stable order
+    (tmp_path / "cap" / "A" / "001.txt").rename(tmp_path / "cap" / "B" / "001.txt")  # B's side is read too
+    assert load_pair_folder(tmp_path / "cap", 32).prompts == pairs.prompts
+    (tmp_path / "cap" / "A" / "001.txt").write_text("a blue  square\n")
+    with pytest.raises(SliderError, match=r"captions .*A/001\.txt and .*B/001\.txt differ"):
+        load_pair_folder(tmp_path / "cap", 32)
+    (tmp_path / "cap" / "A" / "001.txt").unlink()
+    (tmp_path / "cap" / "B" / "001.txt").unlink()
+    with pytest.raises(SliderError, match=r"2 of 3 pairs have a caption.*A/001\.txt"):
+        load_pair_folder(tmp_path / "cap", 32)
+
+
+def test_a_prompt_box_gives_one_prompt_or_one_caption_per_pair():
+    assert prompts_per_pair("", 3) == ("", None)
+    assert prompts_per_pair("  a circle \n", 3) == ("a circle", None)
+    assert prompts_per_pair("a red circle\n\na blue square\n a green triangle", 3) == (
+        "", ["a red circle", "a blue square", "a green triangle"])
+    with pytest.raises(SliderError, match="2 lines for 3 pairs"):
+        prompts_per_pair("a\nb", 3)
+    a, b = _batch(3)
+    with pytest.raises(SliderError, match="2 captions for 3 pairs"):
+        pairs_from_batches(a, b, 32, prompts=["a", "b"])
+
+
 # -- training -------------------------------------------------------------------------------------
 def _sd1_pairs(seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -147,6 +181,27 @@ def test_a_and_b_share_noise_and_level(sd1, monkeypatch):
     for (noise_a, level_a), (noise_b, level_b) in zip(seen[0::2], seen[1::2]):
         assert torch.equal(noise_a, noise_b) and torch.equal(level_a, level_b)
     assert not torch.equal(seen[0][0], seen[2][0]) and not torch.equal(seen[0][1], seen[2][1])  # fresh each step
+
+
+def test_each_pair_trains_on_its_own_caption(sd1, monkeypatch):
+    pairs = _sd1_pairs()
+    pairs.prompts = ["a red circle", "a blue square", "a red circle"]
+    seen = []
+    original = pair_slider.pair_losses
+
+    def spy(denoiser, name, z_a, z_b, step, cond):
+        seen.append((list(step.index), cond.tensors["context"].clone()))
+        return original(denoiser, name, z_a, z_b, step, cond)
+
+    monkeypatch.setattr(pair_slider, "pair_losses", spy)
+    result = train_pair_slider(sd1, pairs, PairTrainConfig(iterations=6, rank=2, batch_size=2), progress=False)
+    expected = {p: sd1.encode([p]).tensors["context"][0] for p in set(pairs.prompts)}
+    assert {p: v.shape for p, v in expected.items()} and not torch.equal(*expected.values())
+    for index, context in seen:
+        assert len(index) == 2 and context.shape[0] == 2
+        for i, row in zip(index, context):
+            torch.testing.assert_close(row, expected[pairs.prompts[i]])
+    assert json.loads(result.weights.metadata["sliders.captions"]) == pairs.prompts
 
 
 def test_both_signs_are_trained_towards_their_side():

@@ -185,6 +185,16 @@ def concept_pair_specs(concept: str, n: int, seed: int, balanced: bool = False) 
     return pairs
 
 
+def pair_captions(concept: str, n: int, seed: int, balanced: bool = False) -> list[str]:
+    """One caption per pair of `concept_pair_specs`: what the pair shares, never the concept itself
+    ("a red square" for a size pair; a position pair's caption may name its size)."""
+    captions = []
+    for a, _ in concept_pair_specs(concept, n, seed, balanced):
+        words = [a.color, a.shape] if concept == "size" else [a.size, a.color, a.shape]
+        captions.append("a " + " ".join(words))
+    return captions
+
+
 def render_concept_pairs(concept: str, n: int, seed: int, resolution: int = 32,
                          balanced: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(A images, B images), each [n, H, W, 3] float32 in 0..1."""
