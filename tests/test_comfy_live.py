@@ -758,6 +758,28 @@ def test_shapes_workflow_runs_as_shipped_and_moves_its_concept(server, name, tmp
 
 
 @live
+def test_pair_workflow_trains_on_the_folders_captions_when_wired(server, base_slider):
+    """Load Image Pairs' captions output linked into Train Pair Slider's prompt (what the README tells
+    users to do): each pair trains on its caption, recorded in the file."""
+    from safetensors import safe_open
+
+    folder = server.base / "input" / "captioned_pairs"
+    _write_pairs(folder, n=2)
+    captions = ["a photo of a man", "a photo of a woman"]
+    for i, caption in enumerate(captions):
+        (folder / "A" / f"{i:02d}.txt").write_text(caption + "\n")
+    prompt = shrink(API_WORKFLOWS["SD1.5 - train a slider from image pairs"], "captions")
+    loader = next(k for k, n in prompt.items() if n["class_type"] == "ConceptSlidersLoadImagePairs")
+    trainer = next(k for k, n in prompt.items() if n["class_type"] == "ConceptSlidersTrainPairs")
+    prompt[loader]["inputs"]["folder"] = "captioned_pairs"
+    prompt[trainer]["inputs"]["prompt"] = [loader, 3]
+    assert_success(server.run(prompt))
+    path = server.sliders / f"{prompt[trainer]['inputs']['slider_name']}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["sliders.captions"]) == captions
+
+
+@live
 def test_delayed_sampler_equals_plain_and_base_at_the_ends(server, base_slider):
     """start_step 0 = the slider applied throughout (Apply Slider + KSampler); start_step = steps = base model."""
     steps = 3
