@@ -1081,5 +1081,20 @@ def test_web_ui_opens_every_template_with_no_missing_node_no_overlap_and_no_erro
                 assert not checked["missing"], f"{name}: missing node types {checked['missing']}"
                 assert not checked["overlaps"], f"{name}: overlapping nodes {checked['overlaps']}"
                 assert not problems, f"{name}: errors while it loads: {problems}"
+                if name == "SD1.5 - train a slider from image pairs":  # the captions link the README describes
+                    wired = page.evaluate(_WIRE_CAPTIONS)
+                    assert wired["linked"] and wired["prompt"] == [str(wired["loader"]), 3], wired
         finally:
             browser.close()
+
+
+# drop Load Image Pairs' captions output on Train Pair Slider's prompt widget, as a user would
+_WIRE_CAPTIONS = """async () => {
+    const g = window.app.graph;
+    const loader = g._nodes.find(n => n.type === 'ConceptSlidersLoadImagePairs');
+    const trainer = g._nodes.find(n => n.type === 'ConceptSlidersTrainPairs');
+    const slot = trainer.inputs.findIndex(i => i.name === 'prompt');
+    const link = loader.connect(3, trainer, slot);
+    const out = (await window.app.graphToPrompt()).output;
+    return {linked: !!link, slot, loader: loader.id, prompt: out[String(trainer.id)].inputs.prompt};
+}"""
