@@ -232,20 +232,22 @@ def _sampling(denoiser, steps: int | None = None, guidance: float | None = None)
     return {"steps": steps or defaults["steps"], "guidance": guidance or defaults["guidance"]}
 
 
-def _write_png(image, path: str | Path) -> Path:
+def _write_atomically(path: str | Path, write) -> Path:
+    """`write(tmp)` into a hidden file beside `path`, then rename: no half-written file under the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    write(tmp)
     tmp.replace(path)
     return path
+
+
+def _write_png(image, path: str | Path) -> Path:
+    return _write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _write_text(text: str, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def cmd_train(args, model=None) -> dict:

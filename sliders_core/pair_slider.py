@@ -81,7 +81,8 @@ def train_pair_slider(
     pair_prompts = pairs.prompts or [prompt] * len(pairs)
     distinct = sorted(set(pair_prompts))
     conds = denoiser.encode(distinct)
-    cond_of_pair = [distinct.index(p) for p in pair_prompts]
+    row = {p: i for i, p in enumerate(distinct)}
+    cond_of_pair = [row[p] for p in pair_prompts]
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()
     run.metadata = lambda steps: pair_metadata(denoiser.family, config, steps, prompt, pairs)
