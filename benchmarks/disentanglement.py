@@ -11,7 +11,8 @@ slider must match: the same change in its own attribute, at least as many free a
 Variants (TrainConfig options, issue 13): the default; no preservation prompts (the paper's
 ablation); both signs trained; x_t drawn under c_t ⊕ p; x_t drawn with the slider on (the
 reference's loop); an anchor prompt; a level range; ranks 1 and 8; other layer presets; η = 1; and
-the default switched on late (delayed LoRA at inference).
+the default switched on late (delayed LoRA at inference); the push projected off the preserved
+attributes' own directions (project_preservation), with the ends contrast, lr and rank.
 
     python benchmarks/disentanglement.py [--seeds 96] [--only size:default size:both-signs]
     # ≈ 2 min per variant on 2 CPU threads; the JSON is written after every variant and a rerun
@@ -113,6 +114,21 @@ VARIANTS = {
     # the shipped recipe with 2 instead of 3 trajectory samples per iteration (issue 15's speed levers)
     "eta 1, both-signs, reuse 30": Variant({"eta": 1.0, "signs": "both", "trajectory_reuse": 30}),
     "eta 1, both-signs, 20 trajectory steps": Variant({"eta": 1.0, "signs": "both", "trajectory_steps": 20}),
+    # the push without its component along each preserved attribute's direction (project_preservation)
+    "projected": Variant({"project_preservation": True}),
+    "eta 1, both-signs, projected": Variant({"eta": 1.0, "signs": "both", "project_preservation": True}),
+    "ends, eta 1, projected": Variant({"signs": "both", "contrast": "ends", "eta": 1.0, "project_preservation": True}),
+    "ends, eta 2, projected": Variant({"signs": "both", "contrast": "ends", "eta": 2.0, "project_preservation": True}),
+    "ends, eta 1, projected, lr 3e-3": Variant({"signs": "both", "contrast": "ends", "eta": 1.0,
+                                                "project_preservation": True, "lr": 3e-3}),
+    "ends, eta 2, projected, lr 3e-3": Variant({"signs": "both", "contrast": "ends", "eta": 2.0,
+                                                "project_preservation": True, "lr": 3e-3}),
+    "ends, eta 3, projected, lr 3e-3": Variant({"signs": "both", "contrast": "ends", "eta": 3.0,
+                                                "project_preservation": True, "lr": 3e-3}),
+    "ends, eta 2, projected, lr 3e-3, rank 8": Variant({"signs": "both", "contrast": "ends", "eta": 2.0,
+                                                        "project_preservation": True, "lr": 3e-3, "rank": 8}),
+    "ends, eta 1, projected, 600 it": Variant({"signs": "both", "contrast": "ends", "eta": 1.0,
+                                               "project_preservation": True, "iterations": 600}),
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }
@@ -156,8 +172,8 @@ def train(model, concept: Concept, variant: Variant, iterations: int, name: str)
     if "eta" in options:  # on the pair, so that no-preservation variants get the same push
         eta = options.pop("eta")
         pair = dataclasses.replace(pair, eta=eta)
-    config = TrainConfig(iterations=iterations, lr=1e-3, resolution=32, rank=options.pop("rank", 4), seed=0,
-                         **options)
+    config = TrainConfig(iterations=options.pop("iterations", iterations), lr=options.pop("lr", 1e-3), resolution=32,
+                         rank=options.pop("rank", 4), seed=0, **options)
     return train_text_slider(model, [pair], config, name=name, progress=False).seconds
 
 

@@ -10,6 +10,7 @@ import time
 import torch
 
 from ..sliders_core.config import (
+    CONTRASTS,
     LAYER_PRESETS,
     TRAINED_SIGNS,
     PairTrainConfig,
@@ -107,17 +108,26 @@ class TrainTextSlider(TrainingNode):
         }, "optional": {**OPTIONAL_TRAINING_INPUTS, "signs": (list(TRAINED_SIGNS), {"default": "plus", "tooltip":
                         "plus: train the slider at α = +1 (the paper; −1 is extrapolated). both: every other step "
                         "trains α = −1 towards the negative end too, at no extra cost; on the shapes size slider "
-                        "it keeps the shape at α −2 (README → Disentanglement)."})}, "hidden": HIDDEN_INPUTS}
+                        "it keeps the shape at α −2 (README → Disentanglement)."}),
+            "contrast": (list(CONTRASTS), {"default": "pair", "tooltip":
+                         "pair: push positive against negative (eq. 8). ends: each sign pushes toward its own end "
+                         "against the target prompt, so α +1 and −1 can differ (needs signs = both)."}),
+            "project_preservation": ("BOOLEAN", {"default": False, "tooltip":
+                                     "Remove from the push whatever moves a preservation attribute (its own "
+                                     "direction in the model's prediction), not just average it out: on the shapes "
+                                     "colour slider, red stops making shapes larger (README → Disentanglement)."})},
+            "hidden": HIDDEN_INPUTS}
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
               iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False,
-              preview_every=0, signs="plus", unique_id=None):
+              preview_every=0, signs="plus", contrast="pair", project_preservation=False, unique_id=None):
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
         config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta,
                              resolution=resolution or None,
                              layers=layers, seed=seed, save_every=save_every,
-                             gradient_checkpointing=gradient_checkpointing, signs=signs)
+                             gradient_checkpointing=gradient_checkpointing, signs=signs, contrast=contrast,
+                             project_preservation=project_preservation)
         config.validate()
 
         def run(denoiser, resume, out, on_step):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import (
+    CONTRASTS,
     LAYER_PRESETS,
     REDUCTIONS,
     TRAINED_SIGNS,
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
     train.add_argument("--signs", choices=TRAINED_SIGNS, default=defaults.signs,
                        help="'both': train α = −1 as well as +1 (README → Disentanglement)")
+    train.add_argument("--contrast", choices=CONTRASTS, default=defaults.contrast,
+                       help="'ends': each sign pushes toward its own end against the neutral prompt (needs --signs both)")
+    train.add_argument("--project-preservation", action="store_true", default=defaults.project_preservation,
+                       help="remove from the push its component along every preservation attribute's own "
+                            "direction (README → Disentanglement)")
     train.add_argument("--trajectory-prompts", choices=TRAJECTORY_PROMPTS, default=defaults.trajectory_prompts,
                        help="'preservation': draw x_t under c_t ⊕ p for every preservation attribute p")
     train.add_argument("--trajectory-slider", action="store_true", default=defaults.trajectory_slider,
@@ -264,7 +270,8 @@ def cmd_train(args, model=None) -> dict:
         save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing, signs=args.signs,
         trajectory_prompts=args.trajectory_prompts, trajectory_slider=args.trajectory_slider,
         anchors=tuple(args.anchors), anchor_weight=args.anchor_weight, level_range=tuple(args.level_range),
-        preservation_reduce=args.preservation_reduce)
+        preservation_reduce=args.preservation_reduce, contrast=args.contrast,
+        project_preservation=args.project_preservation)
     config.validate()
     denoiser = model or load_model(args.model, args.config, args.device)
     resume = load_slider(args.resume, denoiser.naming, denoiser.family) if args.resume else None

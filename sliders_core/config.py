@@ -248,6 +248,11 @@ class TrainConfig(RunOptions):
     # "pair": the push is c+ against c- (eq. 8). "ends": each sign's push is its own end against the
     # neutral prompt, ε(c±⊕p) − ε(c_n⊕p), so η = 1 at α = ±1 is the prompted end, never past it; needs signs="both"
     contrast: str = "pair"
+    # the push loses, sample by sample, its component along every preservation attribute's own direction
+    # ε(x_t, c_n⊕p) − ε(x_t, c_n): where the model would move if p were named. The prompts alone only
+    # average p out of the push; this removes what the concept drags along with it (red → larger on
+    # the shapes model). One more frozen prompt per attribute with contrast="pair", none with "ends"
+    project_preservation: bool = False
     # "preservation": x_t is drawn under c_t ⊕ p, p cycled per trajectory, so the slider trains on
     # states of every preserved value (the LoRA-on prediction stays at c_t)
     trajectory_prompts: str = "target"

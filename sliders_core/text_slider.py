@@ -34,10 +34,23 @@ from .training import SliderRun, StepCallback, TrainResult, run_metadata, slider
 
 
 def slider_target(eps_neutral: torch.Tensor, eps_plus: torch.Tensor, eps_minus: torch.Tensor,
-                  eta: float, sign: float, reduce: str = "mean") -> torch.Tensor:
-    """Eq. 8. eps_plus/eps_minus are stacked over preservation attributes: [P, B, ...]."""
+                  eta: float, sign: float, reduce: str = "mean", held: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 8. eps_plus/eps_minus are stacked over preservation attributes: [P, B, ...]. `held`, when
+    given, [P, B, ...]: directions the push must not move along (project_preservation)."""
     push = eps_plus.float() - eps_minus.float()
-    return eps_neutral.float() + sign * eta * (push.mean(dim=0) if reduce == "mean" else push.sum(dim=0))
+    push = push.mean(dim=0) if reduce == "mean" else push.sum(dim=0)
+    if held is not None:
+        push = without_directions(push, held.float())
+    return eps_neutral.float() + sign * eta * push
+
+
+def without_directions(push: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """push [B, ...] minus its least-squares fit on directions [P, B, ...], sample by sample: what is left
+    is orthogonal to every direction (a zero or repeated direction removes nothing more)."""
+    d = directions.flatten(2).transpose(0, 1)  # [B, P, N]
+    p = push.flatten(1).unsqueeze(-1)  # [B, N, 1]
+    coefficients = torch.linalg.pinv(d @ d.transpose(1, 2), hermitian=True) @ (d @ p)
+    return (p - d.transpose(1, 2) @ coefficients).view_as(push)
 
 
 @dataclass
@@ -45,8 +58,9 @@ class _EncodedPair:
     pair: PromptPair
     eta: float
     target: Cond  # c_t, for x_t and for the LoRA-on prediction
-    frozen: Cond  # [c_n, c+⊕p_1..P, c-⊕p_1..P] for the one batched frozen forward
+    frozen: Cond  # [c_n, c+⊕p_1..P, c-⊕p_1..P(, c_n⊕p_1..P when projecting)] for the one batched frozen forward
     n_attrs: int
+    project: bool = False  # the push loses its component along ε(c_n⊕p) − ε(c_n) for every p
     reduce: str = "mean"  # over the preservation attributes: "mean" or "sum"
     # contrast="ends": per direction (±1), [c_n, c±⊕p_1..P, c_n⊕p_1..P]: each end against the neutral prompt
     frozen_ends: dict[float, Cond] | None = None
@@ -81,8 +95,11 @@ def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, lev
     if eps_neutral is not None:
         eps = torch.cat([eps_neutral.float()[None], eps])
     # "ends" stacks [c±⊕p, c_n⊕p]: the end the LoRA moves to, against the neutral prompt
-    return slider_target(eps[0], eps[1:1 + item.n_attrs], eps[1 + item.n_attrs:], item.eta,
-                         direction if item.frozen_ends is None else 1.0, item.reduce)
+    p = item.n_attrs
+    neutral_p = eps[1 + p:1 + 2 * p] if item.frozen_ends is not None else eps[1 + 2 * p:]
+    return slider_target(eps[0], eps[1:1 + p], eps[1 + p:1 + 2 * p], item.eta,
+                         direction if item.frozen_ends is None else 1.0, item.reduce,
+                         held=neutral_p - eps[0] if item.project else None)
 
 
 def cached(cache: dict, key, compute):
@@ -95,9 +112,13 @@ def cached(cache: dict, key, compute):
 
 
 def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None,
-                trajectory_prompts: str = "target", contrast: str = "pair", reduce: str = "mean") -> _EncodedPair:
+                trajectory_prompts: str = "target", contrast: str = "pair", reduce: str = "mean",
+                project: bool = False) -> _EncodedPair:
     plus, minus = pair.contrast_prompts()
     neutral = [compose(pair.neutral_prompt, p) for p in pair.preservation or (None,)]
+    if project and not pair.preservation:
+        raise SliderError(f"project_preservation needs preservation attributes: the pair {pair.positive!r} / "
+                          f"{pair.negative!r} has none (add a preservation list, or leave the option off)")
     ends = None if contrast == "pair" else {
         1.0: denoiser.encode([pair.neutral_prompt, *plus, *neutral]),
         -1.0: denoiser.encode([pair.neutral_prompt, *minus, *neutral])}
@@ -106,7 +127,8 @@ def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None,
         compose(pair.target, p) for p in pair.preservation]
     return _EncodedPair(
         pair=pair, eta=eta if eta is not None else pair.eta, target=target,
-        frozen=denoiser.encode([pair.neutral_prompt, *plus, *minus]), n_attrs=len(plus), frozen_ends=ends, reduce=reduce,
+        frozen=denoiser.encode([pair.neutral_prompt, *plus, *minus, *(neutral if project and ends is None else ())]),
+        n_attrs=len(plus), frozen_ends=ends, reduce=reduce, project=project,
         trajectory_prompts=[(text, target if text == pair.target else denoiser.encode([text])) for text in sampled])
 
 
@@ -137,7 +159,7 @@ def train_text_slider(
 
     empty = denoiser.encode([""])
     encoded = [encode_pair(denoiser, pair, config.eta, config.trajectory_prompts, config.contrast,
-                           config.preservation_reduce) for pair in pairs]
+                           config.preservation_reduce, config.project_preservation) for pair in pairs]
     anchors = denoiser.encode(list(config.anchors)) if config.anchors else None
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()  # every prompt is encoded: free accelerator memory for the UNet

@@ -8,7 +8,13 @@ from sliders_core.config import TrainConfig
 from sliders_core.errors import SliderError, TrainingDivergedError
 from sliders_core.formats import load_slider
 from sliders_core.prompts import PromptPair
-from sliders_core.text_slider import encode_pair, frozen_target, slider_modules, train_text_slider
+from sliders_core.text_slider import (
+    encode_pair,
+    frozen_target,
+    slider_modules,
+    train_text_slider,
+    without_directions,
+)
 
 AGE = PromptPair(target="a person", positive="a person, old", negative="a person, young", eta=2.0,
                  preservation=("male", "female", "child"))
@@ -435,3 +441,47 @@ def test_ends_contrast_needs_both_signs():
     with pytest.raises(SliderError, match="signs='both'"):
         TrainConfig(contrast="ends").validate()
     TrainConfig(contrast="ends", signs="both").validate()
+
+
+def test_without_directions_leaves_only_the_part_orthogonal_to_every_direction():
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.randn(3, 2, 4, 5, 5, generator=gen)  # [P, B, ...]
+    directions[2, 1] = directions[0, 1]  # a repeated direction removes nothing more
+    inside = torch.einsum("pb,pb...->b...", torch.randn(3, 2, generator=gen), directions)
+    outside = torch.randn(2, 4, 5, 5, generator=gen)
+    outside = without_directions(outside, directions)
+    for b in range(2):
+        for p in range(3):
+            assert abs(float((outside[b] * directions[p, b]).sum())) < 1e-3
+    # a push inside the span vanishes; the orthogonal part is kept as it is
+    assert without_directions(inside, directions).abs().max() < 1e-4
+    assert torch.allclose(without_directions(inside + outside, directions), outside, atol=1e-4)
+    assert torch.equal(without_directions(outside, torch.zeros_like(directions)), outside)
+
+
+@pytest.mark.parametrize("contrast", ["pair", "ends"])
+def test_projected_target_moves_no_preserved_attribute_and_keeps_the_rest_of_the_push(sd1, contrast):
+    plain = encode_pair(sd1, AGE, contrast=contrast)
+    projected = encode_pair(sd1, AGE, contrast=contrast, project=True)
+    x_t, level = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4)), torch.tensor([800, 200])
+    with torch.no_grad(), sd1.sliders.disabled():
+        neutral = sd1.predict(x_t, level, sd1.encode(["a person"]).repeat_each(2)).float()
+        held = torch.stack([sd1.predict(x_t, level, sd1.encode([f"a person, {p}"]).repeat_each(2)).float() - neutral
+                            for p in AGE.preservation])
+        for scale in (1.0, -1.0):
+            push = frozen_target(sd1, plain, x_t, level, scale=scale) - neutral
+            kept = frozen_target(sd1, projected, x_t, level, scale=scale) - neutral
+            for b in range(2):
+                for p in range(len(AGE.preservation)):
+                    along = float((kept[b] * held[p, b]).sum()) / float(held[p, b].norm() * kept[b].norm())
+                    assert abs(along) < 1e-3
+            # exactly the plain push minus its fit on the held directions
+            assert torch.allclose(kept, without_directions(push, held), atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(kept, push, atol=1e-4)
+
+
+def test_projection_needs_preservation_attributes(sd1):
+    with pytest.raises(SliderError, match="project_preservation needs preservation"):
+        encode_pair(sd1, PromptPair(target="a person", positive="old", negative="young"), project=True)
+    result = train_text_slider(sd1, [AGE], quick_config(project_preservation=True), name="pj", progress=False)
+    assert json.loads(result.weights.metadata["sliders.train_config"])["project_preservation"] is True
