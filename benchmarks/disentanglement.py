@@ -94,6 +94,11 @@ class Variant:
     start: float = 0.0  # switch the slider on after this fraction of the sampling steps
 
 
+def ends_projected(eta: float, **options) -> Variant:
+    """Each sign toward its own end, both signs trained, the push projected off the preserved attributes."""
+    return Variant({"signs": "both", "contrast": "ends", "eta": eta, "project_preservation": True, **options})
+
+
 VARIANTS = {
     "default": Variant(),
     "no-preservation": Variant(ablation=True),
@@ -117,18 +122,10 @@ VARIANTS = {
     # the push without its component along each preserved attribute's direction (project_preservation)
     "projected": Variant({"project_preservation": True}),
     "eta 1, both-signs, projected": Variant({"eta": 1.0, "signs": "both", "project_preservation": True}),
-    "ends, eta 1, projected": Variant({"signs": "both", "contrast": "ends", "eta": 1.0, "project_preservation": True}),
-    "ends, eta 2, projected": Variant({"signs": "both", "contrast": "ends", "eta": 2.0, "project_preservation": True}),
-    "ends, eta 1, projected, lr 3e-3": Variant({"signs": "both", "contrast": "ends", "eta": 1.0,
-                                                "project_preservation": True, "lr": 3e-3}),
-    "ends, eta 2, projected, lr 3e-3": Variant({"signs": "both", "contrast": "ends", "eta": 2.0,
-                                                "project_preservation": True, "lr": 3e-3}),
-    "ends, eta 3, projected, lr 3e-3": Variant({"signs": "both", "contrast": "ends", "eta": 3.0,
-                                                "project_preservation": True, "lr": 3e-3}),
-    "ends, eta 2, projected, lr 3e-3, rank 8": Variant({"signs": "both", "contrast": "ends", "eta": 2.0,
-                                                        "project_preservation": True, "lr": 3e-3, "rank": 8}),
-    "ends, eta 1, projected, 600 it": Variant({"signs": "both", "contrast": "ends", "eta": 1.0,
-                                               "project_preservation": True, "iterations": 600}),
+    **{f"ends, eta {eta:g}, projected{label}": ends_projected(eta, **extra) for eta, label, extra in (
+        (1.0, "", {}), (2.0, "", {}), (1.0, ", lr 3e-3", {"lr": 3e-3}), (2.0, ", lr 3e-3", {"lr": 3e-3}),
+        (3.0, ", lr 3e-3", {"lr": 3e-3}), (2.0, ", lr 3e-3, rank 8", {"lr": 3e-3, "rank": 8}),
+        (1.0, ", 600 it", {"iterations": 600}))},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }

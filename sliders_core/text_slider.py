@@ -96,10 +96,11 @@ def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, lev
         eps = torch.cat([eps_neutral.float()[None], eps])
     # "ends" stacks [c±⊕p, c_n⊕p]: the end the LoRA moves to, against the neutral prompt
     p = item.n_attrs
-    neutral_p = eps[1 + p:1 + 2 * p] if item.frozen_ends is not None else eps[1 + 2 * p:]
+    held = None
+    if item.project:  # c_n⊕p: the second stack with "ends", appended after c-⊕p with "pair"
+        held = (eps[1 + p:1 + 2 * p] if item.frozen_ends is not None else eps[1 + 2 * p:]) - eps[0]
     return slider_target(eps[0], eps[1:1 + p], eps[1 + p:1 + 2 * p], item.eta,
-                         direction if item.frozen_ends is None else 1.0, item.reduce,
-                         held=neutral_p - eps[0] if item.project else None)
+                         direction if item.frozen_ends is None else 1.0, item.reduce, held=held)
 
 
 def cached(cache: dict, key, compute):
