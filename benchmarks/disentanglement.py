@@ -92,6 +92,9 @@ class Variant:
     options: dict = field(default_factory=dict)  # TrainConfig fields
     ablation: bool = False  # train without the preservation prompts
     start: float = 0.0  # switch the slider on after this fraction of the sampling steps
+    # trained toward the α < 0 end only (the pair's ends swapped, one sign) and applied with its sign
+    # flipped, so that its rows read like the others: is one end alone easier to fit than both?
+    mirrored: bool = False
 
 
 def ends_projected(eta: float, **options) -> Variant:
@@ -125,7 +128,19 @@ VARIANTS = {
     **{f"ends, eta {eta:g}, projected{label}": ends_projected(eta, **extra) for eta, label, extra in (
         (1.0, "", {}), (2.0, "", {}), (1.0, ", lr 3e-3", {"lr": 3e-3}), (2.0, ", lr 3e-3", {"lr": 3e-3}),
         (3.0, ", lr 3e-3", {"lr": 3e-3}), (2.0, ", lr 3e-3, rank 8", {"lr": 3e-3, "rank": 8}),
-        (1.0, ", 600 it", {"iterations": 600}))},
+        (3.0, ", lr 3e-3, rank 8", {"lr": 3e-3, "rank": 8}), (2.0, ", lr 3e-3, rank 16", {"lr": 3e-3, "rank": 16}),
+        (2.0, ", lr 3e-3, rank 8, 600 it", {"lr": 3e-3, "rank": 8, "iterations": 600}),
+        (1.0, ", 600 it", {"iterations": 600}),
+        # the same recipe from other training seeds: how much of a row is the training run's luck
+        (3.0, ", lr 3e-3, rank 8, seed 1", {"lr": 3e-3, "rank": 8, "seed": 1}),
+        (3.0, ", lr 3e-3, rank 8, seed 2", {"lr": 3e-3, "rank": 8, "seed": 2}))},
+    # one end each: the α > 0 end alone, and the α < 0 end alone (mirrored)
+    **{f"one end +, eta {eta:g}, projected, lr 3e-3{label}": Variant(
+        {"contrast": "ends", "eta": eta, "project_preservation": True, "lr": 3e-3, **extra})
+       for eta, label, extra in ((2.0, "", {}), (2.0, ", rank 8", {"rank": 8}))},
+    **{f"one end −, eta {eta:g}, projected, lr 3e-3{label}": Variant(
+        {"contrast": "ends", "eta": eta, "project_preservation": True, "lr": 3e-3, **extra}, mirrored=True)
+       for eta, label, extra in ((2.0, "", {}), (2.0, ", rank 8", {"rank": 8}), (1.0, "", {}))},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }
@@ -166,11 +181,13 @@ def rates(concept: Concept, base: dict, edited: dict, rng: np.random.Generator, 
 def train(model, concept: Concept, variant: Variant, iterations: int, name: str) -> float:
     options = dict(variant.options)
     pair = concept.ablation if variant.ablation else concept.pair
+    if variant.mirrored:
+        pair = dataclasses.replace(pair, positive=pair.negative, negative=pair.positive)
     if "eta" in options:  # on the pair, so that no-preservation variants get the same push
         eta = options.pop("eta")
         pair = dataclasses.replace(pair, eta=eta)
     config = TrainConfig(iterations=options.pop("iterations", iterations), lr=options.pop("lr", 1e-3), resolution=32,
-                         rank=options.pop("rank", 4), seed=0, **options)
+                         rank=options.pop("rank", 4), seed=options.pop("seed", 0), **options)
     return train_text_slider(model, [pair], config, name=name, progress=False).seconds
 
 
@@ -223,13 +240,14 @@ def main() -> None:
             continue
         started = time.perf_counter()
         # a variant that differs only in its switch-on step reuses the slider trained with its options
-        training = (concept_name, json.dumps(variant.options, sort_keys=True, default=str), variant.ablation)
+        training = (concept_name, json.dumps(variant.options, sort_keys=True, default=str), variant.ablation,
+                    variant.mirrored)
         if training not in adapters:
             name = f"{concept_name}_{len(adapters)}"
             adapters[training] = name, train(model, concept, variant, args.iterations, name)
         name, seconds = adapters[training]
         rows[key] = {"train seconds": seconds, "alphas": {
-            f"{a:+g}": rates(concept, base, measure(generate(model, concept.eval_prompt, scales={name: a},
+            f"{a:+g}": rates(concept, base, measure(generate(model, concept.eval_prompt, scales={name: -a if variant.mirrored else a},
                                                              start=variant.start, **render), [concept.caption]),
                              rng, positive=a > 0) for a in ALPHAS}}
         save()
@@ -272,8 +290,38 @@ def write_report(args, rows: dict, prompted: dict) -> None:
                     [cell(r["own changed"]), cell(r["at the end"]), *[cell(r[f"{f} kept"]) for f in free],
                      cell(r["area"], False), cell(r["pixel L1"], False), f"{r['ΔCLIP'][0]:+.1f}"]) + " |")
         lines += ["", "Training seconds: " + ", ".join(f"{v}: {row['train seconds']:.0f}" for v, row in keyed.items()), ""]
+    lines += purity_table(rows, prompted)
     (args.out / "disentanglement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def purity(minus: dict, plus: dict, attribute: str) -> tuple[str, float]:
+    """SliderSpace's purity (benchmarks/sliderspace_purity.py) of one slider at ±a: each attribute's
+    change rate averaged over the two signs; the largest rate's share of their sum, and which it is."""
+    rates = {attribute: (minus["own changed"][0] + plus["own changed"][0]) / 2}
+    rates |= {k.split()[0]: 1 - (minus[k][0] + plus[k][0]) / 2 for k in minus if k.endswith(" kept")}
+    main = max(rates, key=rates.get)
+    return main, rates[main] / sum(rates.values())
+
+
+def purity_table(rows: dict, prompted: dict) -> list[str]:
+    """The named sliders and prompts measured as SliderSpace measures its discovered sliders."""
+    lines = ["## Purity (SliderSpace's metric) of every row above", "",
+             "The main attribute's share of the summed change rates (size, colour, shape, position), the rates "
+             "averaged over −a and +a; point estimates.", "",
+             "| slider | variant | ±1 | ±2 |", "|---|---|---|---|"]
+    for concept_name, concept in CONCEPTS.items():
+        if concept_name in prompted:
+            minus, plus = prompted[concept_name].values()
+            main, value = purity(minus, plus, concept.attribute)
+            lines.append(f"| {concept_name} | prompting {' / '.join(concept.prompted)} | {value:.2f} ({main}) | – |")
+        for key, row in rows.items():
+            if key.startswith(concept_name + ":"):
+                a = row["alphas"]
+                cells = [f"{value:.2f} ({main})" for main, value in
+                         (purity(a[f"-{m}"], a[f"+{m}"], concept.attribute) for m in (1, 2))]
+                lines.append(f"| {concept_name} | {key.split(':', 1)[1]} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ class TrainTextSlider(TrainingNode):
                         "it keeps the shape at α −2 (README → Disentanglement)."}),
             "contrast": (list(CONTRASTS), {"default": "pair", "tooltip":
                          "pair: push positive against negative (eq. 8). ends: each sign pushes toward its own end "
-                         "against the target prompt, so α +1 and −1 can differ (needs signs = both)."}),
+                         "against the target prompt, so α +1 and −1 can differ (with signs = plus: the positive end "
+                         "alone)."}),
             "project_preservation": ("BOOLEAN", {"default": False, "tooltip":
                                      "Remove from the push whatever moves a preservation attribute (its own "
                                      "direction in the model's prediction), not just average it out: on the shapes "

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--signs", choices=TRAINED_SIGNS, default=defaults.signs,
                        help="'both': train α = −1 as well as +1 (README → Disentanglement)")
     train.add_argument("--contrast", choices=CONTRASTS, default=defaults.contrast,
-                       help="'ends': each sign pushes toward its own end against the neutral prompt (needs --signs both)")
+                       help="'ends': each sign pushes toward its own end against the neutral prompt (with --signs plus, "
+                            "the positive end alone)")
     train.add_argument("--project-preservation", action="store_true", default=defaults.project_preservation,
                        help="remove from the push its component along every preservation attribute's own "
                             "direction (README → Disentanglement)")

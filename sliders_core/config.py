@@ -246,7 +246,8 @@ class TrainConfig(RunOptions):
     # is learned instead of extrapolated from +1 (no extra cost per iteration)
     signs: str = "plus"
     # "pair": the push is c+ against c- (eq. 8). "ends": each sign's push is its own end against the
-    # neutral prompt, ε(c±⊕p) − ε(c_n⊕p), so η = 1 at α = ±1 is the prompted end, never past it; needs signs="both"
+    # neutral prompt, ε(c±⊕p) − ε(c_n⊕p), so η = 1 at α = ±1 is the prompted end, never past it. With
+    # signs="plus" only the positive end is trained: a one-ended slider (−1 is extrapolated)
     contrast: str = "pair"
     # the push loses, sample by sample, its component along every preservation attribute's own direction
     # ε(x_t, c_n⊕p) − ε(x_t, c_n): where the model would move if p were named. The prompts alone only
@@ -268,8 +269,6 @@ class TrainConfig(RunOptions):
         need(self.preservation_reduce in REDUCTIONS,
              f"preservation_reduce must be one of {REDUCTIONS}, got {self.preservation_reduce!r}")
         need(self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}, got {self.contrast!r}")
-        need(self.contrast == "pair" or self.signs == "both",
-             "contrast='ends' trains each end against the neutral prompt: it needs signs='both'")
         need(self.trajectory_prompts in TRAJECTORY_PROMPTS,
              f"trajectory_prompts must be one of {TRAJECTORY_PROMPTS}, got {self.trajectory_prompts!r}")
         need(all(isinstance(a, str) for a in self.anchors), f"anchors must be prompts, got {self.anchors!r}")

@@ -437,10 +437,24 @@ def test_ends_contrast_pushes_each_sign_toward_its_own_end_against_the_neutral_p
             assert torch.allclose(frozen_target(sd1, item, x_t, level, scale=scale), direct, atol=1e-5, rtol=1e-4)
 
 
-def test_ends_contrast_needs_both_signs():
-    with pytest.raises(SliderError, match="signs='both'"):
-        TrainConfig(contrast="ends").validate()
-    TrainConfig(contrast="ends", signs="both").validate()
+def test_ends_contrast_with_signs_plus_trains_the_positive_end_alone(sd1, monkeypatch):
+    import inspect
+
+    from sliders_core import text_slider
+    scales, targets = record_trained_scales(sd1, monkeypatch), []
+    real = text_slider.frozen_target
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        targets.append((bound.arguments["item"].frozen_ends is not None, bound.arguments["scale"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_slider, "frozen_target", spy)
+    train_text_slider(sd1, [AGE], quick_config(iterations=4, contrast="ends"), name="one", progress=False)
+    assert [s["one"] for s, _, _ in scales[:4]] == [1.0] * 4
+    assert targets[:4] == [(True, 1.0)] * 4  # the 'ends' target, toward c+ only
 
 
 def test_without_directions_leaves_only_the_part_orthogonal_to_every_direction():
