@@ -12,7 +12,8 @@ Variants (TrainConfig options, issue 13): the default; no preservation prompts (
 ablation); both signs trained; x_t drawn under c_t ⊕ p; x_t drawn with the slider on (the
 reference's loop); an anchor prompt; a level range; ranks 1 and 8; other layer presets; η = 1; and
 the default switched on late (delayed LoRA at inference); the push projected off the preserved
-attributes' own directions (project_preservation), with the ends contrast, lr and rank.
+attributes' own directions (project_preservation), with the ends contrast, lr and rank; one end
+trained alone (the negative one mirrored); other training seeds; x_t drawn with the slider on.
 
     python benchmarks/disentanglement.py [--seeds 96] [--only size:default size:both-signs]
     # ≈ 2 min per variant on 2 CPU threads; the JSON is written after every variant and a rerun
@@ -116,6 +117,11 @@ VARIANTS = {
     "layers noxattn-ff": Variant({"layers": "noxattn-ff"}),
     "layers xattn": Variant({"layers": "xattn"}),
     "eta 1": Variant({"eta": 1.0}),
+    # the shape slider at η 2 matches prompting only at α ±2: a larger η puts that strength at ±1
+    "eta 4": Variant({"eta": 4.0}),
+    "eta 4, both-signs": Variant({"eta": 4.0, "signs": "both"}),
+    "eta 4, lr 3e-3": Variant({"eta": 4.0, "lr": 3e-3}),
+    "eta 4, lr 3e-3, rank 8": Variant({"eta": 4.0, "lr": 3e-3, "rank": 8}),
     "eta 0.75": Variant({"eta": 0.75}),
     "eta 1, no-preservation": Variant({"eta": 1.0}, ablation=True),
     "eta 1, both-signs": Variant({"eta": 1.0, "signs": "both"}),
@@ -133,14 +139,22 @@ VARIANTS = {
         (1.0, ", 600 it", {"iterations": 600}),
         # the same recipe from other training seeds: how much of a row is the training run's luck
         (3.0, ", lr 3e-3, rank 8, seed 1", {"lr": 3e-3, "rank": 8, "seed": 1}),
-        (3.0, ", lr 3e-3, rank 8, seed 2", {"lr": 3e-3, "rank": 8, "seed": 2}))},
+        (3.0, ", lr 3e-3, rank 8, seed 2", {"lr": 3e-3, "rank": 8, "seed": 2}),
+        # the empty prompt's prediction held: under CFG (w 3) the slider's change is then w × its push, as
+        # prompting's is w × (ε(end) − ε(c_t)), so η 1 asks for the prompted end's guided change
+        (1.0, ", lr 3e-3, anchor empty", {"lr": 3e-3, "anchors": ("",)}),
+        (1.0, ", lr 3e-3, rank 8, anchor empty", {"lr": 3e-3, "rank": 8, "anchors": ("",)}),
+        # x_t drawn with the slider on at the sign it trains: the slider learns on the states it makes
+        (2.0, ", lr 3e-3, x_t slider on", {"lr": 3e-3, "trajectory_slider": True}),
+        (2.0, ", lr 3e-3, rank 8, x_t slider on", {"lr": 3e-3, "rank": 8, "trajectory_slider": True}),
+        (3.0, ", lr 3e-3, x_t slider on", {"lr": 3e-3, "trajectory_slider": True}))},
     # one end each: the α > 0 end alone, and the α < 0 end alone (mirrored)
-    **{f"one end +, eta {eta:g}, projected, lr 3e-3{label}": Variant(
-        {"contrast": "ends", "eta": eta, "project_preservation": True, "lr": 3e-3, **extra})
-       for eta, label, extra in ((2.0, "", {}), (2.0, ", rank 8", {"rank": 8}))},
-    **{f"one end −, eta {eta:g}, projected, lr 3e-3{label}": Variant(
-        {"contrast": "ends", "eta": eta, "project_preservation": True, "lr": 3e-3, **extra}, mirrored=True)
-       for eta, label, extra in ((2.0, "", {}), (2.0, ", rank 8", {"rank": 8}), (1.0, "", {}))},
+    **{f"one end {sign}, eta {eta:g}, projected, lr 3e-3{label}": Variant(
+        {"contrast": "ends", "eta": eta, "project_preservation": True, "lr": 3e-3, **extra}, mirrored=sign == "−")
+       for sign in "+−" for eta, label, extra in (
+           (2.0, "", {}), (2.0, ", rank 8", {"rank": 8}), (1.0, "", {}),
+           (2.0, ", x_t slider on", {"trajectory_slider": True}),
+           (2.0, ", x_t under c_t+p", {"trajectory_prompts": "preservation"}))},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }

@@ -257,7 +257,9 @@ class TrainConfig(RunOptions):
     # "preservation": x_t is drawn under c_t ⊕ p, p cycled per trajectory, so the slider trains on
     # states of every preserved value (the LoRA-on prediction stays at c_t)
     trajectory_prompts: str = "target"
-    trajectory_slider: bool = False  # x_t drawn with the slider on at the step's scale (the reference's loop)
+    # x_t drawn with the slider on at the step's scale (the reference's loop); with signs="both" the sign
+    # alternates per trajectory instead of per step, so each x_t comes from the sign it trains
+    trajectory_slider: bool = False
     anchors: tuple[str, ...] = ()  # prompts whose LoRA-on prediction is held to the frozen one
     anchor_weight: float = 1.0
     # the part of the trajectory x_t is drawn from, 0 = pure noise, 1 = the clean end

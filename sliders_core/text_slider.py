@@ -172,9 +172,14 @@ def train_text_slider(
 
     for step in run.steps():
         item = encoded[step % len(encoded)]
-        # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target
-        scale = -1.0 if config.signs == "both" and (step // len(encoded)) % 2 else 1.0
-        if item.trajectory is None or item.uses >= config.trajectory_reuse:
+        refresh = item.trajectory is None or item.uses >= config.trajectory_reuse
+        # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target; with x_t
+        # drawn with the slider on, per trajectory, so every x_t comes from the sign it trains
+        if config.signs == "both" and config.trajectory_slider:
+            scale = -1.0 if (item.refreshes - (not refresh)) % 2 else 1.0
+        else:
+            scale = -1.0 if config.signs == "both" and (step // len(encoded)) % 2 else 1.0
+        if refresh:
             noise = denoiser.initial_noise(batch, resolution, noise_gen)
             draw_trajectory(denoiser, item, config, empty, noise, name if config.trajectory_slider else None, scale,
                             run.model_call)

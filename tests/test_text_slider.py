@@ -437,6 +437,22 @@ def test_ends_contrast_pushes_each_sign_toward_its_own_end_against_the_neutral_p
             assert torch.allclose(frozen_target(sd1, item, x_t, level, scale=scale), direct, atol=1e-5, rtol=1e-4)
 
 
+def test_with_the_slider_on_in_x_t_each_trajectory_trains_the_sign_it_was_drawn_at(sd1, monkeypatch):
+    from sliders_core import text_slider
+    scales, drawn = record_trained_scales(sd1, monkeypatch), []
+    real = text_slider.draw_trajectory
+
+    def spy(denoiser, item, config, empty, noise, slider, scale, callback):
+        drawn.append(scale)
+        return real(denoiser, item, config, empty, noise, slider, scale, callback)
+
+    monkeypatch.setattr(text_slider, "draw_trajectory", spy)
+    config = quick_config(iterations=9, trajectory_reuse=3, signs="both", trajectory_slider=True)
+    train_text_slider(sd1, [AGE], config, name="s", progress=False)
+    assert drawn == [1.0, -1.0, 1.0]
+    assert [s["s"] for s, _, _ in scales[:9]] == [1.0] * 3 + [-1.0] * 3 + [1.0] * 3
+
+
 def test_ends_contrast_with_signs_plus_trains_the_positive_end_alone(sd1, monkeypatch):
     import inspect
 
