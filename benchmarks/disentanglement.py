@@ -154,7 +154,8 @@ VARIANTS = {
        for sign in "+−" for eta, label, extra in (
            (2.0, "", {}), (2.0, ", rank 8", {"rank": 8}), (1.0, "", {}),
            (2.0, ", x_t slider on", {"trajectory_slider": True}),
-           (2.0, ", x_t under c_t+p", {"trajectory_prompts": "preservation"}))},
+           (2.0, ", x_t under c_t+p", {"trajectory_prompts": "preservation"}),
+           (2.0, ", seed 1", {"seed": 1}), (2.0, ", x_t slider on, seed 1", {"trajectory_slider": True, "seed": 1}))},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }
