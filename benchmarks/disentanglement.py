@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decision_steps import interval, write_json_atomic  # noqa: E402
-from sliderspace_purity import changed  # noqa: E402
+from sliderspace_purity import changed, main_share  # noqa: E402
 
 from sliders_core.backends.diffusers_backend import load_diffusers_model  # noqa: E402
 from sliders_core.config import TrainConfig  # noqa: E402
@@ -98,9 +98,11 @@ class Variant:
     mirrored: bool = False
 
 
-def ends_projected(eta: float, **options) -> Variant:
-    """Each sign toward its own end, both signs trained, the push projected off the preserved attributes."""
-    return Variant({"signs": "both", "contrast": "ends", "eta": eta, "project_preservation": True, **options})
+def ends_projected(eta: float, mirrored: bool = False, **options) -> Variant:
+    """Each sign toward its own end, both signs trained (unless options say signs="plus"), the push
+    projected off the preserved attributes."""
+    return Variant({"signs": "both", "contrast": "ends", "eta": eta, "project_preservation": True, **options},
+                   mirrored=mirrored)
 
 
 VARIANTS = {
@@ -149,9 +151,8 @@ VARIANTS = {
         (2.0, ", lr 3e-3, rank 8, x_t slider on", {"lr": 3e-3, "rank": 8, "trajectory_slider": True}),
         (3.0, ", lr 3e-3, x_t slider on", {"lr": 3e-3, "trajectory_slider": True}))},
     # one end each: the α > 0 end alone, and the α < 0 end alone (mirrored)
-    **{f"one end {sign}, eta {eta:g}, projected, lr 3e-3{label}": Variant(
-        {"contrast": "ends", "eta": eta, "project_preservation": True, "lr": 3e-3, **extra}, mirrored=sign == "−")
-       for sign in "+−" for eta, label, extra in (
+    **{f"one end {sign}, eta {eta:g}, projected, lr 3e-3{label}": ends_projected(
+        eta, mirrored=sign == "−", signs="plus", lr=3e-3, **extra) for sign in "+−" for eta, label, extra in (
            (2.0, "", {}), (2.0, ", rank 8", {"rank": 8}), (1.0, "", {}),
            (2.0, ", x_t slider on", {"trajectory_slider": True}),
            (2.0, ", x_t under c_t+p", {"trajectory_prompts": "preservation"}),
@@ -262,7 +263,8 @@ def main() -> None:
             adapters[training] = name, train(model, concept, variant, args.iterations, name)
         name, seconds = adapters[training]
         rows[key] = {"train seconds": seconds, "alphas": {
-            f"{a:+g}": rates(concept, base, measure(generate(model, concept.eval_prompt, scales={name: -a if variant.mirrored else a},
+            f"{a:+g}": rates(concept, base, measure(generate(model, concept.eval_prompt,
+                                                             scales={name: -a if variant.mirrored else a},
                                                              start=variant.start, **render), [concept.caption]),
                              rng, positive=a > 0) for a in ALPHAS}}
         save()
@@ -315,8 +317,7 @@ def purity(minus: dict, plus: dict, attribute: str) -> tuple[str, float]:
     change rate averaged over the two signs; the largest rate's share of their sum, and which it is."""
     rates = {attribute: (minus["own changed"][0] + plus["own changed"][0]) / 2}
     rates |= {k.split()[0]: 1 - (minus[k][0] + plus[k][0]) / 2 for k in minus if k.endswith(" kept")}
-    main = max(rates, key=rates.get)
-    return main, rates[main] / sum(rates.values())
+    return main_share(rates)
 
 
 def purity_table(rows: dict, prompted: dict) -> list[str]:

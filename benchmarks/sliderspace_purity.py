@@ -58,6 +58,14 @@ def change_rates(base, edited, side: int = 32) -> dict[str, float]:
     return {a: float(flags.mean()) for a, flags in changed(base, edited, side).items()}
 
 
+def main_share(rates: dict[str, float]) -> tuple[str, float]:
+    """The attribute with the largest change rate and its share of all the rates: a slider's purity
+    (0 when nothing changes)."""
+    main = max(rates, key=rates.get)
+    total = sum(rates.values())
+    return main, rates[main] / total if total else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concepts", nargs="+", default=["a shape", "a circle"])
@@ -93,9 +101,7 @@ def main() -> None:
                 edited = measure_batch(generate(model, concept, scales={f"{name}_{j}": alpha}, seeds=seeds,
                                                 **sampling).numpy())
                 rates[f"{alpha:+g}"] = change_rates(base, edited)
-            total = {a: (rates["-1"][a] + rates["+1"][a]) / 2 for a in ATTRIBUTES}
-            main_attribute = max(total, key=total.get)
-            purity = total[main_attribute] / sum(total.values()) if sum(total.values()) else 0.0
+            main_attribute, purity = main_share({a: (rates["-1"][a] + rates["+1"][a]) / 2 for a in ATTRIBUTES})
             sliders.append({"direction": j, "explained_variance": round(float(explained[j]), 4),
                             "change_rates": rates, "main": main_attribute, "purity": round(purity, 3)})
         for j in range(args.k):
@@ -103,9 +109,8 @@ def main() -> None:
         prompted = {}
         for prompt in PROMPTED.get(concept, ()):
             rates = change_rates(base, measure_batch(generate(model, prompt, scales={}, seeds=seeds, **sampling).numpy()))
-            main_attribute = max(rates, key=rates.get)
-            prompted[prompt] = {"change_rates": rates, "main": main_attribute,
-                                "purity": round(rates[main_attribute] / sum(rates.values()), 3)}
+            main_attribute, purity = main_share(rates)
+            prompted[prompt] = {"change_rates": rates, "main": main_attribute, "purity": round(purity, 3)}
         report["concepts"][concept] = {"cost": cost, "sliders": sliders, "prompted": prompted}
         print(json.dumps({concept: report["concepts"][concept]}, indent=1), flush=True)
 

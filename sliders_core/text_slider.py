@@ -176,7 +176,8 @@ def train_text_slider(
         # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target; with x_t
         # drawn with the slider on, per trajectory, so every x_t comes from the sign it trains
         if config.signs == "both" and config.trajectory_slider:
-            scale = -1.0 if (item.refreshes - (not refresh)) % 2 else 1.0
+            trajectory_index = item.refreshes if refresh else item.refreshes - 1
+            scale = -1.0 if trajectory_index % 2 else 1.0
         else:
             scale = -1.0 if config.signs == "both" and (step // len(encoded)) % 2 else 1.0
         if refresh:
