@@ -13,7 +13,8 @@ ablation); both signs trained; x_t drawn under c_t ⊕ p; x_t drawn with the sli
 reference's loop); an anchor prompt; a level range; ranks 1 and 8; other layer presets; η = 1; and
 the default switched on late (delayed LoRA at inference); the push projected off the preserved
 attributes' own directions (project_preservation), with the ends contrast, lr and rank; one end
-trained alone (the negative one mirrored); other training seeds; x_t drawn with the slider on.
+trained alone (the negative one mirrored); other training seeds; x_t drawn with the slider on;
+4 trajectories per refresh (batch 4); two-ended sliders (one LoRA per end in one file).
 
     python benchmarks/disentanglement.py [--seeds 96] [--only size:default size:both-signs]
     # ≈ 2 min per variant on 2 CPU threads; the JSON is written after every variant and a rerun
@@ -156,7 +157,20 @@ VARIANTS = {
            (2.0, "", {}), (2.0, ", rank 8", {"rank": 8}), (1.0, "", {}),
            (2.0, ", x_t slider on", {"trajectory_slider": True}),
            (2.0, ", x_t under c_t+p", {"trajectory_prompts": "preservation"}),
-           (2.0, ", seed 1", {"seed": 1}), (2.0, ", x_t slider on, seed 1", {"trajectory_slider": True, "seed": 1}))},
+           (2.0, ", seed 1", {"seed": 1}), (2.0, ", x_t slider on, seed 1", {"trajectory_slider": True, "seed": 1}),
+           (2.0, ", x_t slider on, seed 2", {"trajectory_slider": True, "seed": 2}),
+           # 4 trajectories per refresh and 4 states per step: 60 training images instead of 15 per run,
+           # against the training seed's luck
+           *((2.0, f", x_t slider on, batch 4{f', seed {seed}' if seed else ''}",
+              {"trajectory_slider": True, "batch_size": 4, "seed": seed}) for seed in (0, 1, 2)))},
+    # both ends in one file, one LoRA per end (signs="separate"), applied by the sign of α; the ends take
+    # turns, so 600 iterations give each the 300 of a "one end" row
+    **{f"two-ended, eta {eta:g}, projected, lr 3e-3, x_t slider on, 600 it{label}": ends_projected(
+        eta, signs="separate", lr=3e-3, trajectory_slider=True, iterations=600, **extra) for eta, label, extra in (
+           (2.0, "", {}), (2.0, ", seed 2", {"seed": 2}),
+           *((2.0, f", batch 4{f', seed {seed}' if seed else ''}", {"batch_size": 4, "seed": seed}) for seed in (0, 1, 2)),
+           # a stronger push for the shape slider's weak circle end
+           (3.0, "", {}), (3.0, ", seed 1", {"seed": 1}))},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }

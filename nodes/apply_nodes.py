@@ -8,6 +8,7 @@ from ..sliders_core.config import parse_numbers
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import read_state_dict, to_kohya_state_dict
 from ..sliders_core.inference import parse_slider_mix
+from ..sliders_core.slider_weights import SliderWeights
 from .common import ALPHA_LIMIT, CATEGORY, SLIDER, SliderFile, check_alpha, lora_files, lora_path
 
 ALPHA_INPUT = ("FLOAT", {"default": 1.0, "min": -ALPHA_LIMIT, "max": ALPHA_LIMIT, "step": 0.05,
@@ -25,11 +26,12 @@ def apply_sliders(model, sliders):
     for slider, alpha in sliders:
         alpha = check_alpha(alpha)
         weights = slider.resolve(model)  # family and fit checks, any key form → diffusers paths
-        loaded = comfy.lora.load_lora(to_kohya_state_dict(weights), key_map)
-        if len(loaded) != len(weights.modules):
-            raise SliderError(f"only {len(loaded)} of {len(weights.modules)} modules of slider '{slider.name}' "
+        modules, strength = weights.end_at(alpha)  # a two-ended slider's negative end for α < 0
+        loaded = comfy.lora.load_lora(to_kohya_state_dict(SliderWeights(modules)), key_map)
+        if len(loaded) != len(modules):
+            raise SliderError(f"only {len(loaded)} of {len(modules)} modules of slider '{slider.name}' "
                               "fit this MODEL: it was made for another model")
-        patched.add_patches(loaded, alpha)
+        patched.add_patches(loaded, strength)
     return patched
 
 

@@ -36,7 +36,7 @@ from ..sliders_core.config import classify_dit_module, classify_unet_module, is_
 from ..sliders_core.denoiser import Cond, SampleCallback, SliderSchedule, Trajectory
 from ..sliders_core.errors import SliderError
 from ..sliders_core.formats import UnetNaming
-from ..sliders_core.slider_weights import LoraModule, SliderWeights, modules_to_attach
+from ..sliders_core.slider_weights import LoraModule, SliderWeights, ends_of, modules_to_attach
 
 if TYPE_CHECKING:
     from ..sliders_core.inversion import Inversion
@@ -114,17 +114,22 @@ def module_naming(patcher, names: dict[str, str] | None = None) -> UnetNaming:
 
 
 class SliderDiff(LoraDiff):
-    """ComfyUI's trainable LoRA weight adapter with a slider multiplier looked up per forward."""
+    """ComfyUI's trainable LoRA weight adapter with a slider multiplier looked up per forward. `end`: on a
+    two-ended slider, the sign of α this LoRA serves (+1 or −1, acting at |α|); None: every α."""
 
-    def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha: float, scales: dict, slider: str):
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha: float, scales: dict, slider: str,
+                 end: float | None = None):
         super().__init__((up.flatten(1), down.flatten(1), alpha, None, None, None))
         self.scales = scales
         self.slider = slider
+        self.end = end
         self.down_shape = tuple(down.shape)
         self.up_shape = tuple(up.shape)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         scale = self.scales.get(self.slider, 0.0)
+        if self.end is not None:
+            scale = max(scale * self.end, 0.0)
         if scale == 0.0:
             return w
         diff = self.lora_up.weight @ self.lora_down.weight
@@ -160,6 +165,7 @@ class ComfySliderHost:
         self._kinds = {p: classify(p) for p in names}
         self.scales: dict[str, float] = {}
         self._adapters: dict[str, dict[str, SliderDiff]] = {}
+        self._negative_ends: dict[str, dict[str, SliderDiff]] = {}  # a two-ended slider's α < 0 LoRA
         self.changed = True
         self._trainable: set[str] = set()
         self._identity_wrapped: set[str] = set()
@@ -171,15 +177,31 @@ class ComfySliderHost:
         return list(self._adapters)
 
     def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
-            rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
+            rank: int = 4, alpha: float = 1.0, trainable: bool = False, ends: int = 1) -> None:
         modules = modules_to_attach(name, self._adapters, weights, modules, self.names_map)
+        two_ended = ends_of(weights, ends) == 2
+        self._adapters[name] = self._wrap(name, modules, None if weights is None else weights.modules, rank, alpha,
+                                          trainable, 1.0 if two_ended else None)
+        if two_ended:
+            negative = None if weights is None else weights.negative
+            paths = modules_to_attach(name, (), None if negative is None else SliderWeights(negative), modules,
+                                      self.names_map)
+            self._negative_ends[name] = self._wrap(name, paths, negative, rank, alpha, trainable, -1.0)
+        self.changed = True  # new weight wrappers take effect only when the patcher is (re)loaded
+        if trainable:
+            self._trainable.add(name)
+            self._wrap_other_weights()
+
+    def _wrap(self, name: str, modules: Sequence[str], weights: dict[str, LoraModule] | None, rank: int,
+              alpha: float, trainable: bool, end: float | None) -> dict[str, SliderDiff]:
+        """One SliderDiff weight wrapper per module: the given LoRA weights, or a fresh no-op LoRA."""
         diffusion_model = self.patcher.model.diffusion_model
         adapters = {}
         for path in modules:
             ldm = self.names_map[path]
             base = diffusion_model.get_submodule(ldm).weight
             if weights is not None:
-                lora = weights.modules[path]
+                lora = weights[path]
                 up, down, module_alpha = lora.up.float(), lora.down.float(), lora.alpha
                 if up.shape[0] * down[0].numel() != base.numel():
                     raise SliderError(f"slider weight for {path} does not fit the model's {tuple(base.shape)}: "
@@ -189,17 +211,13 @@ class ComfySliderHost:
                 torch.nn.init.kaiming_uniform_(down.view(rank, -1), a=math.sqrt(5))
                 up = torch.zeros(base.shape[0], rank, *([1] * (base.dim() - 2)))
                 module_alpha = alpha
-            adapter = SliderDiff(up, down, module_alpha, self.scales, name).to(base.device)
+            adapter = SliderDiff(up, down, module_alpha, self.scales, name, end).to(base.device)
             adapter.requires_grad_(False)
             for weight in (adapter.lora_up.weight, adapter.lora_down.weight):  # alpha stays fixed
                 weight.requires_grad_(trainable)
             adapters[path] = adapter
             self.patcher.add_weight_wrapper(f"diffusion_model.{ldm}.weight", adapter)
-        self._adapters[name] = adapters
-        self.changed = True  # new weight wrappers take effect only when the patcher is (re)loaded
-        if trainable:
-            self._trainable.add(name)
-            self._wrap_other_weights()
+        return adapters
 
     def wrap_all_weights(self) -> None:
         """Make every weight safe for autograd (see _wrap_other_weights), e.g. for gradients w.r.t. inputs."""
@@ -208,13 +226,15 @@ class ComfySliderHost:
 
     def _wrap_other_weights(self) -> None:
         """Every weight without a slider gets an identity wrapper (wrap_weights_for_autograd)."""
-        skip = {f"diffusion_model.{self.names_map[p]}.weight" for a in self._adapters.values() for p in a}
+        skip = {f"diffusion_model.{self.names_map[p]}.weight"
+                for a in (*self._adapters.values(), *self._negative_ends.values()) for p in a}
         self._identity_wrapped |= wrap_weights_for_autograd(self.patcher, self.patcher.model.diffusion_model,
                                                             "diffusion_model.", skip | self._identity_wrapped)
 
     def remove(self, name: str) -> None:
         if self._adapters.pop(name, None) is None:
             raise SliderError(f"no slider named {name!r}")
+        self._negative_ends.pop(name, None)
         self.scales.pop(name, None)  # its wrappers stay on this clone but multiply by 0
         self._trainable.discard(name)
 
@@ -245,16 +265,22 @@ class ComfySliderHost:
             self.scales.update(saved)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
-        return [p for a in self._adapters[name].values() for p in (a.lora_down.weight, a.lora_up.weight)]
+        """Every trainable weight of the slider (of both ends, for a two-ended one)."""
+        adapters = [*self._adapters[name].values(), *self._negative_ends.get(name, {}).values()]
+        return [p for a in adapters for p in (a.lora_down.weight, a.lora_up.weight)]
 
     def export(self, name: str) -> SliderWeights:
         if name not in self._adapters:
             raise SliderError(f"no slider named {name!r}")
-        return SliderWeights({
-            path: LoraModule(down=a.lora_down.weight.detach().reshape(a.down_shape).cpu().clone(),
-                             up=a.lora_up.weight.detach().reshape(a.up_shape).cpu().clone(),
-                             alpha=float(a.alpha))
-            for path, a in self._adapters[name].items()})
+        negative = self._negative_ends.get(name)
+        return SliderWeights(self._export(self._adapters[name]), negative=None if negative is None else self._export(negative))
+
+    @staticmethod
+    def _export(adapters: dict[str, SliderDiff]) -> dict[str, LoraModule]:
+        return {path: LoraModule(down=a.lora_down.weight.detach().reshape(a.down_shape).cpu().clone(),
+                                 up=a.lora_up.weight.detach().reshape(a.up_shape).cpu().clone(),
+                                 alpha=float(a.alpha))
+                for path, a in adapters.items()}
 
 
 class ComfyDenoiser:

@@ -108,7 +108,9 @@ class TrainTextSlider(TrainingNode):
         }, "optional": {**OPTIONAL_TRAINING_INPUTS, "signs": (list(TRAINED_SIGNS), {"default": "plus", "tooltip":
                         "plus: train the slider at α = +1 (the paper; −1 is extrapolated). both: every other step "
                         "trains α = −1 towards the negative end too, at no extra cost; on the shapes size slider "
-                        "it keeps the shape at α −2 (README → Disentanglement)."}),
+                        "it keeps the shape at α −2. separate: the same steps on a two-ended slider, one LoRA per end in one "
+                        "file (each end gets half the iterations; α < 0 applies the negative end's), for concepts "
+                        "whose two ends one LoRA cannot both follow (README → Disentanglement)."}),
             "contrast": (list(CONTRASTS), {"default": "pair", "tooltip":
                          "pair: push positive against negative (eq. 8). ends: each sign pushes toward its own end "
                          "against the target prompt, so α +1 and −1 can differ (with signs = plus: the positive end "
@@ -116,19 +118,25 @@ class TrainTextSlider(TrainingNode):
             "project_preservation": ("BOOLEAN", {"default": False, "tooltip":
                                      "Remove from the push whatever moves a preservation attribute (its own "
                                      "direction in the model's prediction), not just average it out: on the shapes "
-                                     "colour slider, red stops making shapes larger (README → Disentanglement)."})},
+                                     "colour slider, red stops making shapes larger (README → Disentanglement)."}),
+            "trajectory_slider": ("BOOLEAN", {"default": False, "tooltip":
+                                  "Draw the training states with the slider on (at the sign each step trains), as "
+                                  "the reference's loop does, so the slider learns on the pictures it makes: with "
+                                  "contrast = ends it keeps the shapes colour slider's blue end from growing the "
+                                  "circles (README → Disentanglement)."})},
             "hidden": HIDDEN_INPUTS}
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
               iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False,
-              preview_every=0, signs="plus", contrast="pair", project_preservation=False, unique_id=None):
+              preview_every=0, signs="plus", contrast="pair", project_preservation=False, trajectory_slider=False,
+              unique_id=None):
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
         config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta,
                              resolution=resolution or None,
                              layers=layers, seed=seed, save_every=save_every,
                              gradient_checkpointing=gradient_checkpointing, signs=signs, contrast=contrast,
-                             project_preservation=project_preservation)
+                             project_preservation=project_preservation, trajectory_slider=trajectory_slider)
         config.validate()
 
         def run(denoiser, resume, out, on_step):

@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
     train.add_argument("--trajectory-reuse", type=int, default=defaults.trajectory_reuse)
     train.add_argument("--signs", choices=TRAINED_SIGNS, default=defaults.signs,
-                       help="'both': train α = −1 as well as +1 (README → Disentanglement)")
+                       help="'both': train α = −1 as well as +1; 'separate': the same on a two-ended slider, one "
+                            "LoRA per end in one file, each end half the iterations (README → Disentanglement)")
     train.add_argument("--contrast", choices=CONTRASTS, default=defaults.contrast,
                        help="'ends': each sign pushes toward its own end against the neutral prompt (with --signs plus, "
                             "the positive end alone)")

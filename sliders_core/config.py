@@ -188,7 +188,7 @@ def preset_modules(candidates: dict[str, str], layers: str) -> list[str]:
     return modules
 
 
-TRAINED_SIGNS = ("plus", "both")
+TRAINED_SIGNS = ("plus", "both", "separate")
 CONTRASTS = ("pair", "ends")
 REDUCTIONS = ("mean", "sum")
 TRAJECTORY_PROMPTS = ("target", "preservation")
@@ -243,7 +243,10 @@ class TrainConfig(RunOptions):
     preservation_reduce: str = "mean"
     # Disentanglement options (issue 13; benchmarks/disentanglement.py measures each against prompting).
     # "both": every other step trains the LoRA at scale −1 toward the eq. 8 target with −η, so α = −1
-    # is learned instead of extrapolated from +1 (no extra cost per iteration)
+    # is learned instead of extrapolated from +1 (no extra cost per iteration). "separate": the same
+    # steps, but the slider is two-ended, one LoRA per end in one file: the −1 steps train the second
+    # LoRA, which α < 0 applies at |α|. Each end gets half the iterations; for concepts whose two ends
+    # one LoRA cannot both follow (colour, shape on the shapes model)
     signs: str = "plus"
     # "pair": the push is c+ against c- (eq. 8). "ends": each sign's push is its own end against the
     # neutral prompt, ε(c±⊕p) − ε(c_n⊕p), so η = 1 at α = ±1 is the prompted end, never past it. With

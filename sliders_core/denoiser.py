@@ -89,8 +89,10 @@ class SliderHost(Protocol):
         """Every module a slider may target: diffusers-style module path → layer kind (config.LAYER_KINDS)."""
 
     def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
-            rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
-        """Attach a slider, from weights or freshly initialised (up = 0, so it starts as a no-op)."""
+            rank: int = 4, alpha: float = 1.0, trainable: bool = False, ends: int = 1) -> None:
+        """Attach a slider, from weights or freshly initialised (up = 0, so it starts as a no-op). A
+        two-ended slider (weights with a `negative` end, or a fresh one with ends=2) has a second LoRA
+        for α < 0, run at |α| instead of the first."""
 
     def remove(self, name: str) -> None: ...
 

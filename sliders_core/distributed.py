@@ -49,13 +49,15 @@ class _Trainable(torch.nn.Module):
         return fn(*args)
 
 
-def wrap(params: list[torch.nn.Parameter]):
-    """DDP over `params` (rank 0's initial values are broadcast to all), or None in a single process."""
+def wrap(params: list[torch.nn.Parameter], some_unused: bool = False):
+    """DDP over `params` (rank 0's initial values are broadcast to all), or None in a single process.
+    `some_unused`: a step may leave some of them out (a two-ended slider trains one end per step); DDP
+    then looks for them every step, and leaves their gradients None, so the optimiser skips them."""
     if not data_parallel():
         return None
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_Trainable(params), broadcast_buffers=False)
+    return DistributedDataParallel(_Trainable(params), broadcast_buffers=False, find_unused_parameters=some_unused)
 
 
 def all_finite(value: torch.Tensor) -> bool:

@@ -16,6 +16,10 @@ Read (each converted to `SliderWeights` keyed by diffusers module path):
   prefixes, no alpha stored → alpha = rank),
 - diffusers' ``<path>.lora.down.weight / .lora.up.weight``.
 ``.pt``/``.ckpt``/``.bin`` files are read only through ``torch.load(weights_only=True)``.
+
+A two-ended slider (`SliderWeights.negative`) is one file: its positive end under the keys above (so a
+stock LoraLoader applies that end) and its negative end under the same keys behind ``negative_end.``,
+with metadata ``sliders.ends = "two"``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ DIT_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 DIFFUSERS_DIT_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 COMFY_UNET_PREFIX = "diffusion_model."
 SLIDER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+NEGATIVE_END_PREFIX = "negative_end."  # a two-ended slider's α < 0 LoRA
+META_ENDS = "sliders.ends"
 
 
 def kohya_stem(module_path: str) -> str:
@@ -279,14 +285,22 @@ _PART = {"lora_down": "down", "lora_up": "up", "lora_A": "down", "lora_B": "up",
 
 
 def to_kohya_state_dict(weights: SliderWeights) -> dict[str, torch.Tensor]:
-    """The written form (module docstring): kohya, or diffusers' for a diffusers-named flow transformer."""
+    """The written form (module docstring): kohya, or diffusers' for a diffusers-named flow transformer;
+    a two-ended slider's negative end behind NEGATIVE_END_PREFIX."""
+    out = _lora_keys(weights.modules)
+    if weights.negative is not None:
+        out |= {NEGATIVE_END_PREFIX + k: v for k, v in _lora_keys(weights.negative).items()}
+    return out
+
+
+def _lora_keys(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    if is_diffusers_dit(weights.modules):
-        for path, module in sorted(weights.modules.items()):
+    if is_diffusers_dit(modules):
+        for path, module in sorted(modules.items()):
             out[f"transformer.{path}.lora_A.weight"] = module.down.detach().contiguous().cpu()
             out[f"transformer.{path}.lora_B.weight"] = (module.up.detach() * (module.alpha / module.rank)).contiguous().cpu()
         return out
-    for path, module in sorted(weights.modules.items()):
+    for path, module in sorted(modules.items()):
         stem = kohya_stem(path)
         out[f"{stem}.lora_down.weight"] = module.down.detach().contiguous().cpu()
         out[f"{stem}.lora_up.weight"] = module.up.detach().contiguous().cpu()
@@ -296,7 +310,18 @@ def to_kohya_state_dict(weights: SliderWeights) -> dict[str, torch.Tensor]:
 
 def from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
                     metadata: Mapping[str, str] | None = None, source: str = "slider") -> SliderWeights:
-    """Any supported key form → SliderWeights keyed by the model's diffusers module paths."""
+    """Any supported key form → SliderWeights keyed by the model's diffusers module paths (a two-ended
+    slider's negative end too)."""
+    negative = {k[len(NEGATIVE_END_PREFIX):]: v for k, v in state.items() if k.startswith(NEGATIVE_END_PREFIX)}
+    weights = _modules_from_state_dict({k: v for k, v in state.items() if not k.startswith(NEGATIVE_END_PREFIX)},
+                                       naming, metadata, source)
+    if negative:
+        weights.negative = _modules_from_state_dict(negative, naming, None, f"{source} (negative end)").modules
+    return weights
+
+
+def _modules_from_state_dict(state: Mapping[str, torch.Tensor], naming: UnetNaming,
+                             metadata: Mapping[str, str] | None, source: str) -> SliderWeights:
     if naming.convert is not None and not all(_known(key, naming) for key in state):
         try:
             state = naming.convert(dict(state))
@@ -558,4 +583,6 @@ def describe(weights: SliderWeights) -> dict[str, Any]:
         "ranks": sorted({m.rank for m in weights.modules.values()}),
         "prompts": json.loads(prompts) if prompts else None,
         "steps": weights.metadata.get("sliders.steps"),
+        # two: one LoRA per end (α < 0 applies the negative end's); one: α < 0 negates the one LoRA
+        "ends": 1 if weights.negative is None else 2,
     }

@@ -36,10 +36,33 @@ class LoraModule:
 class SliderWeights:
     modules: dict[str, LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    # a two-ended slider (signs="separate"): the α < 0 end's own LoRA, applied at |α|; `modules` then
+    # serve α > 0 only. None: one LoRA for both signs (α < 0 is its negation), every other slider
+    negative: dict[str, LoraModule] | None = None
 
     @property
     def family(self) -> str | None:
         return self.metadata.get(META_FAMILY)
+
+    def end_at(self, alpha: float) -> tuple[dict[str, LoraModule], float]:
+        """The LoRA modules strength α applies and the multiplier on them: a two-ended slider's negative
+        end at |α| for α < 0, else `modules` at α."""
+        if alpha < 0 and self.negative is not None:
+            return self.negative, -alpha
+        return self.modules, alpha
+
+
+def ends_of(weights: SliderWeights | None, ends: int) -> int:
+    """How many ends (LoRAs) a slider being attached has: its weights say, else `ends` (1 or 2)."""
+    if ends not in (1, 2):
+        raise SliderError(f"a slider has 1 or 2 ends, got {ends!r}")
+    if weights is None:
+        return ends
+    have = 1 if weights.negative is None else 2
+    if ends == 2 and have == 1:
+        raise SliderError("these slider weights have one end (one LoRA for both signs), not the two asked for: "
+                          "resume them with signs 'plus' or 'both', or train a two-ended slider from scratch")
+    return have
 
 
 def modules_to_attach(name: str, attached: Collection[str], weights: SliderWeights | None,

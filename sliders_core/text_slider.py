@@ -151,8 +151,8 @@ def train_text_slider(
         raise SliderError("no prompt pairs to train on")
     resolution = config.resolution or pairs[0].resolution or denoiser.default_resolution
     batch = config.batch_size or pairs[0].batch_size or 1
-    run = SliderRun(denoiser, name, config, resume=resume,
-                    checkpoint_path=checkpoint_path, callback=callback, progress=progress)
+    run = SliderRun(denoiser, name, config, resume=resume, checkpoint_path=checkpoint_path, callback=callback,
+                    progress=progress, ends=2 if config.signs == "separate" else 1)
     share = distributed.batch_share(batch)  # data-parallel: this process's samples of the batch (all in one process)
     noise_gen = torch.Generator().manual_seed(config.seed)
     step_rng = random.Random(config.seed)
@@ -173,13 +173,15 @@ def train_text_slider(
     for step in run.steps():
         item = encoded[step % len(encoded)]
         refresh = item.trajectory is None or item.uses >= config.trajectory_reuse
-        # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target; with x_t
-        # drawn with the slider on, per trajectory, so every x_t comes from the sign it trains
-        if config.signs == "both" and config.trajectory_slider:
+        # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target ("separate":
+        # the same, the host running the two-ended slider's second LoRA at −1); with x_t drawn with the
+        # slider on, per trajectory, so every x_t comes from the sign it trains
+        both = config.signs != "plus"
+        if both and config.trajectory_slider:
             trajectory_index = item.refreshes if refresh else item.refreshes - 1
             scale = -1.0 if trajectory_index % 2 else 1.0
         else:
-            scale = -1.0 if config.signs == "both" and (step // len(encoded)) % 2 else 1.0
+            scale = -1.0 if both and (step // len(encoded)) % 2 else 1.0
         if refresh:
             noise = denoiser.initial_noise(batch, resolution, noise_gen)
             draw_trajectory(denoiser, item, config, empty, noise, name if config.trajectory_slider else None, scale,
@@ -249,9 +251,10 @@ def slider_effect(denoiser: Denoiser, encoded: Sequence[_EncodedPair], empty: Co
                   resolution: int, config: TrainConfig, noise_gen: torch.Generator, n_states: int = 4) -> float:
     """Share of the eq. 8 push the slider delivers, on states of a fresh trajectory per prompt pair:
     ⟨Δ, push⟩ / ‖push‖², Δ = ε_slider(x_t, c_t) − ε(x_t, c_t), push = target − ε(x_t, c_n). The trained
-    objective makes it 1; 0 is no effect."""
+    objective makes it 1; 0 is no effect. At α = 1; for a two-ended slider, the weaker of its ends."""
     host = denoiser.sliders
-    dot = norm = 0.0
+    scales = (1.0, -1.0) if config.signs == "separate" else (1.0,)
+    dot, norm = dict.fromkeys(scales, 0.0), dict.fromkeys(scales, 0.0)
     for item in encoded:
         noise = denoiser.initial_noise(batch, resolution, noise_gen)
         with host.disabled():
@@ -265,13 +268,14 @@ def slider_effect(denoiser: Denoiser, encoded: Sequence[_EncodedPair], empty: Co
                 base = denoiser.predict(x_t, level, c)
                 eps_neutral = base if item.pair.neutral_prompt == item.pair.target else denoiser.predict(
                     x_t, level, neutral)
-            push = frozen_target(denoiser, item, x_t, level, eps_neutral) - eps_neutral
-            host.set_scales({name: 1.0})
-            delta = denoiser.predict(x_t, level, c) - base
-            host.set_scales({})
-            dot += float((delta * push).sum())
-            norm += float(push.pow(2).sum())
-    return dot / norm if norm > 0 else 0.0
+            for scale in scales:
+                push = frozen_target(denoiser, item, x_t, level, eps_neutral, scale) - eps_neutral
+                host.set_scales({name: scale})
+                delta = denoiser.predict(x_t, level, c) - base
+                host.set_scales({})
+                dot[scale] += float((delta * push).sum())
+                norm[scale] += float(push.pow(2).sum())
+    return min(dot[s] / norm[s] if norm[s] > 0 else 0.0 for s in scales)
 
 
 def slider_metadata(family: str, pairs: Sequence[PromptPair], config: TrainConfig, steps: int,

@@ -22,7 +22,7 @@ from . import __version__, distributed
 from .config import preset_modules
 from .denoiser import Denoiser
 from .errors import SliderError, TrainingDivergedError
-from .formats import save_slider
+from .formats import META_ENDS, save_slider
 from .slider_weights import META_FAMILY, SliderWeights
 
 # (steps done, total, loss) after every step; may raise to cancel. The loss is NaN for a call from
@@ -66,21 +66,27 @@ def slider_modules(denoiser: Denoiser, layers: str) -> list[str]:
 class SliderRun:
     def __init__(self, denoiser: Denoiser, name: str, config, *,
                  resume: SliderWeights | None = None, checkpoint_path: str | Path | None = None,
-                 callback: StepCallback | None = None, progress: bool = True, label: str = "slider"):
+                 callback: StepCallback | None = None, progress: bool = True, label: str = "slider", ends: int = 1):
         """`config` has rank, alpha, layers, lr, iterations, seed, save_every, max_grad_norm,
-        gradient_checkpointing; the slider goes on the modules of its `layers` preset."""
+        gradient_checkpointing; the slider goes on the modules of its `layers` preset. ends=2: a
+        two-ended slider, whose α < 0 steps train its second LoRA."""
         self.denoiser, self.name, self.config = denoiser, name, config
         self.checkpoint_path, self.callback, self.progress, self.label = checkpoint_path, callback, progress, label
         self.start_step = int(resume.metadata.get("sliders.steps", 0)) if resume is not None else 0
         if self.start_step >= config.iterations:
             raise SliderError(f"the slider to resume already has {self.start_step} steps ≥ "
                               f"iterations={config.iterations}")
+        if resume is not None and (resume.negative is not None) != (ends == 2):
+            have, want = ("two ends", "one") if resume.negative is not None else ("one end", "two")
+            raise SliderError(f"the slider to resume has {have}, this run trains {want}: train with the signs "
+                              "setting it was made with ('separate' makes two-ended sliders)")
         torch.manual_seed(config.seed)  # LoRA initialisation
         self.host = denoiser.sliders
         self.host.add(name, resume, modules=slider_modules(denoiser, config.layers), rank=config.rank,
-                      alpha=config.alpha, trainable=True)
+                      alpha=config.alpha, trainable=True, ends=ends)
         self.params = self.host.parameters(name)
-        self.ddp = distributed.wrap(self.params)  # under torchrun: gradients averaged across processes
+        # under torchrun: gradients averaged across processes
+        self.ddp = distributed.wrap(self.params, some_unused=ends == 2)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         self.metadata: Callable[[int], dict[str, str]] = lambda steps: {}  # set by the algorithm
         self.result = TrainResult(weights=SliderWeights({}))
@@ -140,6 +146,8 @@ class SliderRun:
         """The slider as it is now, with the metadata of `steps` steps."""
         weights = self.host.export(self.name)
         weights.metadata = self.metadata(steps)
+        if weights.negative is not None:
+            weights.metadata[META_ENDS] = "two"
         return weights
 
     def save(self, path: str | Path, steps: int) -> None:

@@ -154,6 +154,26 @@ def test_train_passes_the_disentanglement_options_into_the_slider_file(tmp_path,
     assert code == 2 and "level_range" in err
 
 
+def test_train_separate_writes_a_two_ended_slider_that_generate_and_info_read(tmp_path, prompt_file, sd1_folder,
+                                                                                 capsys):
+    code, summary, err = run(capsys, "train", "--model", sd1_folder, "--prompts", prompt_file, "--out-dir", tmp_path,
+                             "--name", "two", "--iterations", 2, "--lr", 0.05, "--resolution", 32, "--signs", "separate",
+                             "--contrast", "ends")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("two*.safetensors")) == ["two.safetensors"]
+    code, info, err = run(capsys, "info", summary["slider"], "--model", sd1_folder)
+    assert code == 0, err
+    assert info["metadata"]["sliders.ends"] == "two" and info["loads_on_model"]["ends"] == 2
+    images = {}
+    for alpha in ("-1", "1"):
+        out = tmp_path / f"at{alpha}.png"
+        code, _, err = run(capsys, "generate", "--model", sd1_folder, "--prompt", "a person", "--steps", 2,
+                           "--resolution", 32, "--slider", f"{summary['slider']}:{alpha}", "--out", out)
+        assert code == 0, err
+        images[alpha] = out.read_bytes()
+    assert images["-1"] != images["1"]
+
+
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_cli_trains_and_renders_a_flow_transformer_slider(tmp_path, prompt_file, capsys, model):
     code, summary, err = run(capsys, "train", "--model", model, "--prompts", prompt_file, "--out-dir", tmp_path,

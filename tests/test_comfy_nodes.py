@@ -146,6 +146,44 @@ def test_train_node_saves_a_slider_the_stock_loader_reads_and_apply_matches(lora
     assert all(torch.equal(loaded.tensors[k], slider.tensors[k]) for k in slider.tensors)
 
 
+def test_a_two_ended_slider_applies_each_end_by_the_sign_of_alpha(loras):
+    from safetensors.torch import load_file
+
+    import nodes as comfy_nodes
+
+    patcher, clip = comfy_support.tiny_sd15_patcher(), FakeClip()
+    slider, _, report = train(patcher, clip, iterations=4, lr=3e-2, signs="separate", contrast="ends")
+    assert report.startswith("4 steps")  # 2 per end
+    state, prefix = load_file(str(loras / "sliders" / "age.safetensors")), "negative_end."
+    positive = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    negative = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    assert positive and set(negative) == set(positive)
+
+    def run(p):
+        return forward(p, clip)
+
+    # Apply at α < 0 is the negative end at |α|: what the stock loader makes of that end's own keys
+    for alpha, keys in ((1.5, positive), (-1.5, negative)):
+        stock, unloaded = comfy_support.load_lora_into(patcher, keys, abs(alpha))
+        assert unloaded == []
+        with torch.inference_mode():
+            ours = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, alpha)[0]
+        assert torch.equal(run(stock), run(ours)), alpha
+    # the whole file in the stock loader: the positive end, the negative end's keys reported unloaded
+    stock, unloaded = comfy_support.load_lora_into(patcher, state, 1.5)
+    assert set(unloaded) == {k for k in state if k.startswith(prefix)} and torch.equal(
+        run(stock), run(comfy_support.load_lora_into(patcher, positive, 1.5)[0]))
+    # the delayed sampler's live weight wrappers pick the same end as Apply
+    latent, pos, neg = {"samples": torch.zeros(1, 4, 8, 8)}, clip.conditioning("a person"), clip.conditioning("")
+    with torch.inference_mode():
+        applied = NODE_CLASS_MAPPINGS["ConceptSlidersApply"]().apply(patcher, slider, -2.0)[0]
+        plain = _sample(comfy_nodes.common_ksampler(applied, 7, 4, 3.0, "euler", "normal", pos, neg, latent))
+        at0 = _sample(NODE_CLASS_MAPPINGS["ConceptSlidersDelayedSampler"]().sample(
+            patcher, slider, -2.0, 0, seed=7, steps=4, cfg=3.0, sampler_name="euler", scheduler="normal",
+            positive=pos, negative=neg, latent_image=latent, denoise=1.0))
+    assert torch.allclose(at0, plain, atol=1e-4, rtol=1e-4)
+
+
 def test_training_loss_falls_on_the_comfy_backend(loras):
     from concept_sliders_pack.sliders_core.config import TrainConfig
     from concept_sliders_pack.sliders_core.prompts import PromptPair

@@ -151,6 +151,57 @@ def test_loaded_slider_attaches_with_identical_effect(sd1, tmp_path):
     assert torch.equal(a, b)
 
 
+def two_ended(denoiser):
+    """Random two-ended slider weights (ranks differ per end), no slider left attached."""
+    plus, minus = random_slider(denoiser, "p", rank=2, seed=1), random_slider(denoiser, "m", rank=3, seed=2)
+    for name in ("p", "m"):
+        denoiser.sliders.remove(name)
+    return formats.SliderWeights(plus.modules, {"sliders.base_family": denoiser.family, formats.META_ENDS: "two"},
+                                 negative=minus.modules)
+
+
+def test_two_ended_file_keeps_each_end_and_a_stock_loader_sees_the_positive_one(sd1, tmp_path):
+    weights = two_ended(sd1)
+    path = save_slider(weights, tmp_path / "two.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    negative = {k for k in keys if k.startswith(formats.NEGATIVE_END_PREFIX)}
+    assert keys - negative == set(formats.to_kohya_state_dict(formats.SliderWeights(weights.modules)))
+    assert {k[len(formats.NEGATIVE_END_PREFIX):] for k in negative} == set(
+        formats.to_kohya_state_dict(formats.SliderWeights(weights.negative)))
+    loaded = load_slider(path, sd1.naming, sd1.family)
+    _assert_same(weights, loaded)
+    _assert_same(formats.SliderWeights(weights.negative), formats.SliderWeights(loaded.negative))
+    assert formats.describe(loaded)["ends"] == 2 and formats.describe(formats.SliderWeights(weights.modules))["ends"] == 1
+    assert loaded.end_at(-0.5) == (loaded.negative, 0.5) and loaded.end_at(0.5) == (loaded.modules, 0.5)
+
+
+def test_a_two_ended_slider_applies_its_negative_end_at_minus_alpha(sd1):
+    weights = two_ended(sd1)
+    sd1.sliders.add("two", weights)
+    sd1.sliders.add("minus", formats.SliderWeights(weights.negative))
+    sd1.sliders.add("plus", formats.SliderWeights(weights.modules))
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([500]), sd1.encode(["a photo"])
+
+    @torch.no_grad()
+    def out(scales):
+        sd1.sliders.set_scales(scales)
+        return sd1.predict(x, t, c)
+
+    assert sd1.sliders.names() == ["two", "minus", "plus"]
+    assert torch.allclose(out({"two": -0.7}), out({"minus": 0.7}), atol=1e-6)
+    assert torch.allclose(out({"two": 0.7}), out({"plus": 0.7}), atol=1e-6)
+    assert not torch.allclose(out({"two": -0.7}), out({"plus": -0.7}), atol=1e-4)  # not the positive end negated
+    with sd1.sliders.merging():  # folded into the weights, and across a change of sign
+        assert torch.allclose(out({"two": -0.7}), out({"minus": 0.7}), atol=1e-5)
+        assert torch.allclose(out({"two": 0.7}), out({"plus": 0.7}), atol=1e-5)
+    exported = sd1.sliders.export("two")
+    _assert_same(formats.SliderWeights(weights.negative), formats.SliderWeights(exported.negative))
+    sd1.sliders.remove("two")
+    assert sd1.sliders.names() == ["minus", "plus"]
+    assert not any("negative_end" in a for a in sd1.unet.peft_config)
+
+
 def test_pickle_with_code_is_refused(sd1, tmp_path):
     class Evil:
         def __reduce__(self):

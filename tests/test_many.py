@@ -98,9 +98,14 @@ def test_a_killed_rank_is_restarted_and_its_slider_resumes_from_its_checkpoint(t
     assert all(read_state_dict(output / f"{n}.safetensors")[1]["sliders.steps"] == "60" for n in finished)
 
 
-def test_data_parallel_training_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
-    common = ["--model", "shapes", "--prompts", str(ROOT / "prompt_sets" / "shapes_size.yaml"), "--iterations", "4",
-              "--batch-size", "2", "--trajectory-steps", "6", "--trajectory-reuse", "2", "--name", "ddp"]
+@pytest.mark.parametrize("signs", ["plus", "separate"])  # separate: each step leaves one end's LoRA unused
+def test_data_parallel_training_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path, signs):
+    # a two-ended slider's ends take every other step: 8 give each end the 4 Adam steps of the one-ended run
+    # (Adam's first, sign-like steps lift float noise the most)
+    iterations = "8" if signs == "separate" else "4"
+    common = ["--model", "shapes", "--prompts", str(ROOT / "prompt_sets" / "shapes_size.yaml"), "--iterations", iterations,
+              "--batch-size", "2", "--trajectory-steps", "6", "--trajectory-reuse", "2", "--name", "ddp",
+              "--signs", signs]
     assert cli_main(["train", *common, "--out-dir", str(tmp_path / "one")]) == 0
     proc = torchrun("--nproc-per-node=2", "-m", "sliders_core", "train", *common, "--out-dir", str(tmp_path / "two"))
     out, _ = proc.communicate(timeout=300)
@@ -109,6 +114,9 @@ def test_data_parallel_training_over_two_ranks_equals_one_process_with_the_whole
     assert a.keys() == b.keys()
     moved = max(float(a[k].abs().max()) for k in a if "lora_up" in k)
     assert moved > 1e-4  # the slider trained
+    if signs == "separate":
+        assert any(k.startswith("negative_end.") for k in a)
+        assert max(float(a[k].abs().max()) for k in a if k.startswith("negative_end.") and "lora_up" in k) > 1e-4
     # equal up to float summation order (the batch's gradient summed in one process vs averaged over two),
     # which Adam's normalised steps can lift to ~0.5 % of the weights; a wrong split or a missing average
     # differs by the size of the update itself

@@ -515,3 +515,46 @@ def test_projection_needs_preservation_attributes(sd1):
         encode_pair(sd1, PromptPair(target="a person", positive="old", negative="young"), project=True)
     result = train_text_slider(sd1, [AGE], quick_config(project_preservation=True), name="pj", progress=False)
     assert json.loads(result.weights.metadata["sliders.train_config"])["project_preservation"] is True
+
+
+def test_a_two_ended_slider_trains_its_second_lora_on_the_minus_one_steps(sd1, tmp_path):
+    from sliders_core.backends.diffusers_backend import DiffusersDenoiser
+    from sliders_core.formats import META_ENDS
+    from sliders_core.slider_weights import SliderWeights
+    from sliders_core.tiny import tiny_sd1_pipeline
+
+    def ends(weights):
+        return [any(bool(m.up.abs().sum()) for m in modules.values()) for modules in (weights.modules, weights.negative)]
+
+    # step 1 trains at +1 and step 2 at −1: the negative end's up-projection leaves zero only at step 2
+    one = train_text_slider(sd1, [AGE], quick_config(iterations=1, signs="separate", contrast="ends"), name="one",
+                            progress=False)
+    assert ends(one.weights) == [True, False]
+    path = tmp_path / "two.safetensors"
+    two = train_text_slider(sd1, [AGE], quick_config(iterations=4, signs="separate", contrast="ends", save_every=2),
+                            name="two", checkpoint_path=path, progress=False)
+    assert ends(two.weights) == [True, True]
+    saved = load_slider(path, sd1.naming, sd1.family)
+    assert saved.metadata[META_ENDS] == "two" and saved.metadata["sliders.steps"] == "4"
+    assert json.loads(saved.metadata["sliders.train_config"])["signs"] == "separate"
+    # α < 0 runs the negative end at |α| (not the positive end negated), α > 0 the positive end
+    other = DiffusersDenoiser(tiny_sd1_pipeline())
+    other.sliders.add("minus", SliderWeights(saved.negative))
+    other.sliders.add("plus", SliderWeights(saved.modules))
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([400]), sd1.encode(["a person"])
+    with torch.no_grad():
+        for alpha, scales in ((-0.8, {"minus": 0.8}), (0.8, {"plus": 0.8})):
+            sd1.sliders.set_scales({"two": alpha})
+            other.sliders.set_scales(scales)
+            assert torch.allclose(sd1.predict(x, t, c), other.predict(x, t, c), atol=1e-6)
+    assert 0 < two.effect <= 2  # the weaker end's share of its push
+    # resuming continues both ends; a one-ended file cannot continue as two-ended, nor the reverse
+    resumed = train_text_slider(other, [AGE], quick_config(iterations=6, signs="separate", contrast="ends"),
+                                name="resumed", resume=saved, progress=False)
+    assert len(resumed.losses) == 2 and resumed.weights.negative is not None
+    with pytest.raises(SliderError, match="has one end, this run trains two"):
+        train_text_slider(other, [AGE], quick_config(iterations=6, signs="separate"), name="a",
+                          resume=SliderWeights(saved.modules, {"sliders.steps": "4"}), progress=False)
+    with pytest.raises(SliderError, match="has two ends, this run trains one"):
+        train_text_slider(other, [AGE], quick_config(iterations=6, signs="both"), name="b", resume=saved,
+                          progress=False)

@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..config import classify_unet_module
 from ..errors import SliderError
-from ..slider_weights import LoraModule, SliderWeights, modules_to_attach
+from ..slider_weights import LoraModule, SliderWeights, ends_of, modules_to_attach
 
 
 @dataclass
@@ -41,6 +41,7 @@ class PeftSliderHost:
         self._merge: _Merge | None = None
         self._trainable: set[str] = set()
         self._names: list[str] = []
+        self._negative_ends: dict[str, str] = {}  # two-ended slider → the peft adapter of its α < 0 end
         # the peft layers, and the adapter set they were last switched to: found once per add/remove,
         # not by walking the UNet on every call (set_scales runs several times per training step)
         self._layer_cache: list[tuple[str, LoraLayer]] | None = None
@@ -62,13 +63,28 @@ class PeftSliderHost:
         return list(self._names)
 
     def add(self, name: str, weights: SliderWeights | None = None, *, modules: Sequence[str] = (),
-            rank: int = 4, alpha: float = 1.0, trainable: bool = False) -> None:
+            rank: int = 4, alpha: float = 1.0, trainable: bool = False, ends: int = 1) -> None:
         modules = modules_to_attach(name, self._names, weights, modules, self._candidates)
         if not name.isidentifier():  # peft adapter names become attribute names
             raise SliderError(f"slider adapter name {name!r} must be an identifier")
+        self._add_adapter(name, modules, None if weights is None else weights.modules, rank, alpha)
+        if ends_of(weights, ends) == 2:
+            negative_end = f"{name}__negative_end"
+            negative = None if weights is None else weights.negative
+            self._add_adapter(negative_end, modules_to_attach(negative_end, self._names, None if negative is None else
+                                                              SliderWeights(negative), modules, self._candidates),
+                              negative, rank, alpha)
+            self._negative_ends[name] = negative_end
+        self._names.append(name)
+        if trainable:
+            self._trainable.add(name)
+        self.set_scales({})
+
+    def _add_adapter(self, adapter: str, modules: Sequence[str], weights: dict[str, LoraModule] | None,
+                     rank: int, alpha: float) -> None:
         if weights is not None:
-            ranks = {p: m.rank for p, m in weights.modules.items()}
-            alphas = {p: m.alpha for p, m in weights.modules.items()}
+            ranks = {p: m.rank for p, m in weights.items()}
+            alphas = {p: m.alpha for p, m in weights.items()}
             rank, alpha = ranks[modules[0]], alphas[modules[0]]
         else:
             ranks, alphas = {}, {}
@@ -80,14 +96,10 @@ class PeftSliderHost:
         )
         with warnings.catch_warnings():  # several adapters on one UNet is the point of composing sliders
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            self.unet.add_adapter(config, adapter_name=name)
+            self.unet.add_adapter(config, adapter_name=adapter)
         self._layer_cache, self._active = None, None
-        self._names.append(name)
         if weights is not None:
-            self._write(name, weights)
-        if trainable:
-            self._trainable.add(name)
-        self.set_scales({})
+            self._write(adapter, weights)
 
     def remove(self, name: str) -> None:
         if self._merge is not None:
@@ -95,6 +107,8 @@ class PeftSliderHost:
         if name not in self._names:
             raise SliderError(f"no slider named {name!r}")
         self.unet.delete_adapters(name)
+        if name in self._negative_ends:
+            self.unet.delete_adapters(self._negative_ends.pop(name))
         self._layer_cache, self._active = None, None
         self._names.remove(name)
         self._trainable.discard(name)
@@ -103,6 +117,7 @@ class PeftSliderHost:
         unknown = set(scales) - set(self._names)
         if unknown:
             raise SliderError(f"unknown slider(s) {sorted(unknown)}; attached: {self._names}")
+        scales = self._adapter_scales(scales)
         if self._merge is not None:
             folded, scales = self._merge.split(scales)
             self._fold(folded)
@@ -120,6 +135,16 @@ class PeftSliderHost:
         for layer in layers:
             for name, scale in scales.items():
                 layer.set_scale(name, float(scale))  # a no-op on layers the slider does not cover
+
+    def _adapter_scales(self, scales: dict[str, float]) -> dict[str, float]:
+        """Slider scales → peft adapter scales: a two-ended slider at α < 0 runs its negative end at |α|."""
+        routed = {}
+        for name, alpha in scales.items():
+            if alpha < 0 and name in self._negative_ends:
+                routed[self._negative_ends[name]] = -alpha
+            else:
+                routed[name] = alpha
+        return routed
 
     @contextlib.contextmanager
     def merging(self) -> Iterator[None]:
@@ -178,24 +203,25 @@ class PeftSliderHost:
                 layer._disable_adapters = flag
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """Every trainable weight of the slider (of both ends, for a two-ended one)."""
         params = []
-        for layer in self._layers():
-            if name in layer.lora_A:
-                params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        for adapter in (name, self._negative_ends.get(name)):
+            for layer in self._layers():
+                if adapter in layer.lora_A:
+                    params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
         return params
 
     def export(self, name: str) -> SliderWeights:
-        modules = {}
-        for path, layer in self._named_layers():
-            if name in layer.lora_A:
-                modules[path] = LoraModule(
-                    down=layer.lora_A[name].weight.detach().clone(),
-                    up=layer.lora_B[name].weight.detach().clone(),
-                    alpha=float(layer.lora_alpha[name]),
-                )
-        if not modules:
+        if name not in self._names:
             raise SliderError(f"no slider named {name!r}")
-        return SliderWeights(modules=modules)
+        negative = self._negative_ends.get(name)
+        return SliderWeights(modules=self._export(name), negative=None if negative is None else self._export(negative))
+
+    def _export(self, adapter: str) -> dict[str, LoraModule]:
+        return {path: LoraModule(down=layer.lora_A[adapter].weight.detach().clone(),
+                                 up=layer.lora_B[adapter].weight.detach().clone(),
+                                 alpha=float(layer.lora_alpha[adapter]))
+                for path, layer in self._named_layers() if adapter in layer.lora_A}
 
     # -- internals ------------------------------------------------------------------------------
     def _named_layers(self) -> list[tuple[str, LoraLayer]]:
@@ -207,9 +233,9 @@ class PeftSliderHost:
         return [m for _, m in self._named_layers()]
 
     @torch.no_grad()
-    def _write(self, name: str, weights: SliderWeights) -> None:
+    def _write(self, name: str, weights: dict[str, LoraModule]) -> None:
         layers = dict(self._named_layers())
-        for path, module in weights.modules.items():
+        for path, module in weights.items():
             layer = layers[path]
             for target, value in ((layer.lora_A[name].weight, module.down), (layer.lora_B[name].weight, module.up)):
                 if value.numel() != target.numel():
