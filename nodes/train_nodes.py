@@ -119,6 +119,10 @@ class TrainTextSlider(TrainingNode):
                                      "Remove from the push whatever moves a preservation attribute (its own "
                                      "direction in the model's prediction), not just average it out: on the shapes "
                                      "colour slider, red stops making shapes larger (README → Disentanglement)."}),
+            "negative_eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 50.0, "step": 0.1, "tooltip":
+                             "η of the α = −1 steps (signs both or separate): the negative end's own strength. "
+                             "0: the same as eta. On the shapes colour slider the blue end wants 3 where the red "
+                             "end wants 2 (README → Disentanglement)."}),
             "trajectory_slider": ("BOOLEAN", {"default": False, "tooltip":
                                   "Draw the training states with the slider on (at the sign each step trains), as "
                                   "the reference's loop does, so the slider learns on the pictures it makes: with "
@@ -128,15 +132,16 @@ class TrainTextSlider(TrainingNode):
 
     def train(self, model, clip, target, positive, negative, preservation, action, eta, rank, alpha, layers,
               iterations, lr, resolution, seed, slider_name, save_every, resume_from, gradient_checkpointing=False,
-              preview_every=0, signs="plus", contrast="pair", project_preservation=False, trajectory_slider=False,
-              unique_id=None):
+              preview_every=0, signs="plus", contrast="pair", project_preservation=False, negative_eta=0.0,
+              trajectory_slider=False, unique_id=None):
         pair = pair_from_dict({"target": target, "positive": positive, "unconditional": negative,
                                "action": action, "guidance_scale": eta, "preservation": preservation})
         config = TrainConfig(rank=rank, alpha=alpha, lr=lr, iterations=iterations, eta=eta,
                              resolution=resolution or None,
                              layers=layers, seed=seed, save_every=save_every,
                              gradient_checkpointing=gradient_checkpointing, signs=signs, contrast=contrast,
-                             project_preservation=project_preservation, trajectory_slider=trajectory_slider)
+                             project_preservation=project_preservation, trajectory_slider=trajectory_slider,
+                             negative_eta=negative_eta or None)
         config.validate()
 
         def run(denoiser, resume, out, on_step):

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     _training_args(train, defaults)
     train.add_argument("--eta", type=float, help="η; default: the prompt set's guidance_scale")
+    train.add_argument("--negative-eta", type=float,
+                       help="η of the −1 steps (with --signs both / separate); default: --eta")
     train.add_argument("--resolution", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--trajectory-steps", type=int, default=defaults.trajectory_steps)
@@ -266,7 +268,7 @@ def cmd_train(args, model=None) -> dict:
     out = safe_output_path(args.out_dir, args.name)
     distributed.init_process_group()  # under torchrun: one slider, data-parallel over the batch
     config = TrainConfig(
-        rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
+        rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta, negative_eta=args.negative_eta,
         resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
         trajectory_steps=args.trajectory_steps, trajectory_reuse=args.trajectory_reuse,
         save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing, signs=args.signs,

@@ -226,6 +226,9 @@ class TrainConfig(RunOptions):
     lr: float = 2e-4
     iterations: int = 1000
     eta: float | None = None  # None: take η from the prompt set (its guidance_scale), else 1.0
+    # η of the −1 steps (signs "both" / "separate"): the negative end's own strength; None: the same η.
+    # On the shapes colour slider the blue end wants 3 where the red end wants 2 (README → Disentanglement)
+    negative_eta: float | None = None
     resolution: int | None = None  # None: the prompt set's, else the model's native size
     batch_size: int | None = None  # None: the prompt set's, else 1
     layers: str = "auto"  # noxattn on UNets (the official default), dit-attn on DiTs
@@ -283,6 +286,9 @@ class TrainConfig(RunOptions):
         need(0 <= low < high <= 1, f"level_range must be (low, high) with 0 ≤ low < high ≤ 1, got {self.level_range!r}")
         if self.eta is not None:
             check_eta(self.eta)
+        if self.negative_eta is not None:
+            check_eta(self.negative_eta)
+            need(self.signs != "plus", "negative_eta is the η of the −1 steps: it needs signs 'both' or 'separate'")
         need(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
              f"resolution must be a multiple of 8, got {self.resolution!r}")
         need(self.batch_size is None or self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")

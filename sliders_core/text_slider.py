@@ -57,6 +57,7 @@ def without_directions(push: torch.Tensor, directions: torch.Tensor) -> torch.Te
 class _EncodedPair:
     pair: PromptPair
     eta: float
+    negative_eta: float | None  # η of the −1 steps; None: eta
     target: Cond  # c_t, for x_t and for the LoRA-on prediction
     frozen: Cond  # [c_n, c+⊕p_1..P, c-⊕p_1..P(, c_n⊕p_1..P when projecting)] for the one batched frozen forward
     n_attrs: int
@@ -99,7 +100,8 @@ def frozen_target(denoiser: Denoiser, item: _EncodedPair, x_t: torch.Tensor, lev
     held = None
     if item.project:  # c_n⊕p: the second stack with "ends", appended after c-⊕p with "pair"
         held = (eps[1 + p:1 + 2 * p] if item.frozen_ends is not None else eps[1 + 2 * p:]) - eps[0]
-    return slider_target(eps[0], eps[1:1 + p], eps[1 + p:1 + 2 * p], item.eta,
+    eta = item.negative_eta if scale < 0 and item.negative_eta is not None else item.eta
+    return slider_target(eps[0], eps[1:1 + p], eps[1 + p:1 + 2 * p], eta,
                          direction if item.frozen_ends is None else 1.0, item.reduce, held=held)
 
 
@@ -114,7 +116,7 @@ def cached(cache: dict, key, compute):
 
 def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None,
                 trajectory_prompts: str = "target", contrast: str = "pair", reduce: str = "mean",
-                project: bool = False) -> _EncodedPair:
+                project: bool = False, negative_eta: float | None = None) -> _EncodedPair:
     plus, minus = pair.contrast_prompts()
     neutral = [compose(pair.neutral_prompt, p) for p in pair.preservation or (None,)]
     if project and not pair.preservation:
@@ -127,7 +129,7 @@ def encode_pair(denoiser: Denoiser, pair: PromptPair, eta: float | None = None,
     sampled = [pair.target] if trajectory_prompts == "target" or not pair.preservation else [
         compose(pair.target, p) for p in pair.preservation]
     return _EncodedPair(
-        pair=pair, eta=eta if eta is not None else pair.eta, target=target,
+        pair=pair, eta=eta if eta is not None else pair.eta, negative_eta=negative_eta, target=target,
         frozen=denoiser.encode([pair.neutral_prompt, *plus, *minus, *(neutral if project and ends is None else ())]),
         n_attrs=len(plus), frozen_ends=ends, reduce=reduce, project=project,
         trajectory_prompts=[(text, target if text == pair.target else denoiser.encode([text])) for text in sampled])
@@ -160,7 +162,8 @@ def train_text_slider(
 
     empty = denoiser.encode([""])
     encoded = [encode_pair(denoiser, pair, config.eta, config.trajectory_prompts, config.contrast,
-                           config.preservation_reduce, config.project_preservation) for pair in pairs]
+                           config.preservation_reduce, config.project_preservation, config.negative_eta)
+               for pair in pairs]
     anchors = denoiser.encode(list(config.anchors)) if config.anchors else None
     if hasattr(denoiser, "offload_text_encoders"):
         denoiser.offload_text_encoders()  # every prompt is encoded: free accelerator memory for the UNet

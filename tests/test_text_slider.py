@@ -352,6 +352,12 @@ def test_the_minus_one_target_is_eq8_with_the_sign_reversed(sd1):
     plus, minus = frozen_target(sd1, item, x_t, level), frozen_target(sd1, item, x_t, level, scale=-1.0)
     assert torch.allclose(minus - neutral, -(plus - neutral), atol=1e-5)
     assert not torch.allclose(minus, plus, atol=1e-4)
+    # negative_eta: the −1 steps' own η (AGE's η is 2), the +1 steps unchanged
+    own = encode_pair(sd1, AGE, negative_eta=3.0)
+    assert torch.allclose(frozen_target(sd1, own, x_t, level, scale=-1.0) - neutral, 1.5 * (minus - neutral), atol=1e-5)
+    assert torch.allclose(frozen_target(sd1, own, x_t, level), plus, atol=1e-6)
+    with pytest.raises(SliderError, match="negative_eta"):
+        TrainConfig(negative_eta=3.0).validate()
 
 
 def test_preservation_trajectories_cycle_c_t_plus_each_attribute(sd1, monkeypatch):
