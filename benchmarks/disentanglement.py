@@ -171,10 +171,12 @@ VARIANTS = {
            *((2.0, f", batch 4{f', seed {seed}' if seed else ''}", {"batch_size": 4, "seed": seed}) for seed in (0, 1, 2)),
            # a stronger push for the shape slider's weak circle end
            (3.0, "", {}), (3.0, ", seed 1", {"seed": 1}), (3.0, ", seed 2", {"seed": 2}))},
-    # the colour slider's blue end keeps the size at η 3, its red end at η 2: each end its own η
-    **{f"two-ended, eta 2 (negative end 3), projected, lr 3e-3, x_t slider on, 600 it{f', seed {seed}' if seed else ''}":
-       ends_projected(2.0, signs="separate", negative_eta=3.0, lr=3e-3, trajectory_slider=True, iterations=600,
-                      seed=seed) for seed in (0, 1, 2)},
+    # each end its own η: the colour slider's blue end keeps the size at η 3, its red end at η 2; the
+    # shape slider's circle end may want more than its square end's 3
+    **{f"two-ended, eta {eta:g} (negative end {negative:g}), projected, lr 3e-3, x_t slider on, 600 it"
+       f"{f', seed {seed}' if seed else ''}":
+       ends_projected(eta, signs="separate", negative_eta=negative, lr=3e-3, trajectory_slider=True, iterations=600,
+                      seed=seed) for eta, negative in ((2.0, 3.0), (3.0, 4.0)) for seed in (0, 1, 2)},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }
