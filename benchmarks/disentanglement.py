@@ -176,7 +176,7 @@ VARIANTS = {
     **{f"two-ended, eta {eta:g} (negative end {negative:g}), projected, lr 3e-3, x_t slider on, 600 it"
        f"{f', seed {seed}' if seed else ''}":
        ends_projected(eta, signs="separate", negative_eta=negative, lr=3e-3, trajectory_slider=True, iterations=600,
-                      seed=seed) for eta, negative in ((2.0, 3.0), (3.0, 4.0)) for seed in (0, 1, 2)},
+                      seed=seed) for eta, negative in ((2.0, 3.0), (3.0, 4.0), (3.5, 4.0)) for seed in (0, 1, 2)},
     "eta 1, on from step 5": Variant({"eta": 1.0}, start=0.2),
     "default, on from step 5": Variant(start=0.2),
 }
