@@ -100,8 +100,8 @@ class Variant:
 
 
 def ends_projected(eta: float, mirrored: bool = False, **options) -> Variant:
-    """Each sign toward its own end, both signs trained (unless options say signs="plus"), the push
-    projected off the preserved attributes."""
+    """Each sign toward its own end, both signs trained (options may say signs="plus" for one end alone,
+    "separate" for one LoRA per end), the push projected off the preserved attributes."""
     return Variant({"signs": "both", "contrast": "ends", "eta": eta, "project_preservation": True, **options},
                    mirrored=mirrored)
 

@@ -108,9 +108,9 @@ class TrainTextSlider(TrainingNode):
         }, "optional": {**OPTIONAL_TRAINING_INPUTS, "signs": (list(TRAINED_SIGNS), {"default": "plus", "tooltip":
                         "plus: train the slider at α = +1 (the paper; −1 is extrapolated). both: every other step "
                         "trains α = −1 towards the negative end too, at no extra cost; on the shapes size slider "
-                        "it keeps the shape at α −2. separate: the same steps on a two-ended slider, one LoRA per end in one "
-                        "file (each end gets half the iterations; α < 0 applies the negative end's), for concepts "
-                        "whose two ends one LoRA cannot both follow (README → Disentanglement)."}),
+                        "it keeps the shape at α −2. separate: the same steps on a two-ended slider, one LoRA per "
+                        "end in one file (each end gets half the iterations; α < 0 applies the negative end's), for "
+                        "concepts whose two ends one LoRA cannot both follow (README → Disentanglement)."}),
             "contrast": (list(CONTRASTS), {"default": "pair", "tooltip":
                          "pair: push positive against negative (eq. 8). ends: each sign pushes toward its own end "
                          "against the target prompt, so α +1 and −1 can differ (with signs = plus: the positive end "

@@ -268,7 +268,8 @@ def cmd_train(args, model=None) -> dict:
     out = safe_output_path(args.out_dir, args.name)
     distributed.init_process_group()  # under torchrun: one slider, data-parallel over the batch
     config = TrainConfig(
-        rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta, negative_eta=args.negative_eta,
+        rank=args.rank, alpha=args.alpha, lr=args.lr, iterations=args.iterations, eta=args.eta,
+        negative_eta=args.negative_eta,
         resolution=args.resolution, batch_size=args.batch_size, layers=args.layers, seed=args.seed,
         trajectory_steps=args.trajectory_steps, trajectory_reuse=args.trajectory_reuse,
         save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing, signs=args.signs,

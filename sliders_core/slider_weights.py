@@ -60,8 +60,8 @@ def ends_of(weights: SliderWeights | None, ends: int) -> int:
         return ends
     have = 1 if weights.negative is None else 2
     if ends == 2 and have == 1:
-        raise SliderError("these slider weights have one end (one LoRA for both signs), not the two asked for: "
-                          "resume them with signs 'plus' or 'both', or train a two-ended slider from scratch")
+        raise SliderError("these slider weights have one end (one LoRA for both signs): they cannot attach as a "
+                          "two-ended slider")
     return have
 
 

@@ -173,13 +173,13 @@ def train_text_slider(
     first = max(1, round(config.level_range[0] * config.trajectory_steps))
     last = max(first + 1, round(config.level_range[1] * config.trajectory_steps))
 
+    # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target ("separate":
+    # the same, the host running the two-ended slider's second LoRA at −1); with x_t drawn with the
+    # slider on, per trajectory, so every x_t comes from the sign it trains
+    both = config.signs != "plus"
     for step in run.steps():
         item = encoded[step % len(encoded)]
         refresh = item.trajectory is None or item.uses >= config.trajectory_reuse
-        # signs="both": the LoRA alternates between +1 and −1, each with its own eq. 8 target ("separate":
-        # the same, the host running the two-ended slider's second LoRA at −1); with x_t drawn with the
-        # slider on, per trajectory, so every x_t comes from the sign it trains
-        both = config.signs != "plus"
         if both and config.trajectory_slider:
             trajectory_index = item.refreshes if refresh else item.refreshes - 1
             scale = -1.0 if trajectory_index % 2 else 1.0
